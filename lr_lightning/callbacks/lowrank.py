@@ -1,0 +1,103 @@
+"""``LowRankCallback``: apply a strategy to any LightningModule and run its periodic operation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from lr_lightning.optim import reset_state_
+from lr_lightning.strategies.base import LowRankStrategy
+
+CHECKPOINT_KEY = "lowrank_strategy"
+"""Checkpoint entry holding ``strategy.to_config()``, so a loader can re-apply the strategy."""
+
+
+class LowRankCallback(L.Callback):
+    """Converts the model in ``setup`` and runs ``strategy.update`` on optimizer steps.
+
+    ``setup`` runs before ``configure_model``, the DDP/FSDP wrap and ``configure_optimizers``, so
+    the optimizer sees the factorized parameters. The periodic operation fires in
+    ``on_train_batch_end`` once per completed optimizer step (``trainer.global_step``), so gradient
+    accumulation and validation never shift it. The optimizer-state resets it returns are applied in
+    place, and the converted layers are broadcast from process 0 afterwards so replicas cannot drift.
+
+    Args:
+        strategy: The low-rank method to apply.
+        verbose: Print the strategy's report (per-layer ranks and parameter counts) at fit start.
+    """
+
+    def __init__(self, strategy: LowRankStrategy, verbose: bool = True) -> None:
+        if not isinstance(strategy, LowRankStrategy):
+            raise TypeError(f"strategy must be a LowRankStrategy, got {type(strategy).__name__}")
+        self.strategy = strategy
+        self.verbose = verbose
+        self.last_step = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.strategy.apply(pl_module)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_optimizers(trainer, pl_module)
+        if self.verbose:
+            rank_zero_info(str(self.strategy.report(pl_module)))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step <= self.last_step:
+            return
+        self.last_step = step
+        if not self.strategy.should_update(step):
+            return
+        resets = self.strategy.update(pl_module, step)
+        for optimizer in trainer.optimizers:
+            for reset in resets:
+                reset_state_(optimizer, reset)
+        broadcast_layers_(self.strategy.layers(pl_module))
+        metrics = self.strategy.metrics(pl_module)
+        if metrics and trainer.logger is not None:
+            trainer.logger.log_metrics(metrics, step=step)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.strategy.to_config()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self.last_step, "strategy": self.strategy.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_step = state_dict["last_step"]
+        self.strategy.load_state_dict(state_dict["strategy"])
+
+    def _check_optimizers(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Fail if the optimizer misses factor parameters (built before conversion, e.g. CLI --optimizer)."""
+        if not trainer.optimizers:
+            return
+        held = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+        missing = [f"{name}.{pname}" for name, layer in self.strategy.layers(pl_module)
+                   for pname, p in layer.named_parameters(recurse=False)
+                   if p.requires_grad and id(p) not in held]
+        if missing:
+            raise RuntimeError(
+                f"The optimizer does not hold {len(missing)} trainable low-rank parameters, e.g. "
+                f"{missing[:3]}: it was built before the strategy converted the model. Build it in "
+                "configure_optimizers from strategy.param_groups(self) (with LightningCLI, take an "
+                "`optimizer: OptimizerCallable` argument instead of --optimizer)."
+            )
+
+
+@torch.no_grad()
+def broadcast_layers_(layers: list[tuple[str, nn.Module]]) -> None:
+    """Copy process 0's replicated tensors of ``layers`` to every process (sharded DTensors are skipped)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for _, layer in layers:
+        for tensor in [*layer.parameters(recurse=False), *layer.buffers(recurse=False)]:
+            if not isinstance(tensor, DTensor):
+                dist.broadcast(tensor.data, src=0)

@@ -1,0 +1,47 @@
+"""The contract every factorized layer of the package fulfils."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LowRankLayer(nn.Module):
+    """A linear map ``y = W x + b`` whose ``W (m x n)`` is held in factorized form.
+
+    Subclasses store their factors at a fixed *capacity* (so parameter shapes never change during
+    training) and expose the *active* rank as an int. ``roles`` tags each parameter with what it
+    is (``"factor"``, ``"frozen"``, ``"basis"``, ``"spectrum"``, ``"bias"``) so a strategy can build
+    optimizer groups without knowing the layer's internals.
+    """
+
+    in_features: int
+    out_features: int
+    roles: dict[str, str] = {}
+
+    @property
+    def rank(self) -> int:
+        """Active rank of the factorized part."""
+        raise NotImplementedError
+
+    @property
+    def capacity(self) -> int:
+        """Allocated rank (the fixed size of the factor tensors)."""
+        raise NotImplementedError
+
+    def trainable_numel(self) -> int:
+        """Trainable parameters at the active rank (what the optimizer really updates)."""
+        raise NotImplementedError
+
+    def dense_weight(self) -> torch.Tensor:
+        """The effective ``W`` as an ``m x n`` tensor."""
+        raise NotImplementedError
+
+    def export(self) -> nn.Module:
+        """A compact inference module at the exact active rank, computing the same function."""
+        raise NotImplementedError
+
+    def dense_numel(self) -> int:
+        """Parameters of the equivalent dense ``nn.Linear`` (weight and bias)."""
+        bias = getattr(self, "bias", None)
+        return self.out_features * self.in_features + (bias.numel() if bias is not None else 0)

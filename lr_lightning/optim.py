@@ -1,0 +1,67 @@
+"""Optimizer-state policies applied in place when a strategy changes a basis.
+
+In-place edits keep every tensor object alive: AMP's GradScaler, ZeroRedundancyOptimizer and
+FSDP2 hold references to the state tensors, and replacing them breaks those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.optim import Optimizer
+
+from lr_lightning.layers.tensors import local_tensor
+
+ResetMode = Literal["full", "random_prune", "magnitude_prune"]
+RESET_MODES: tuple[str, ...] = ("full", "random_prune", "magnitude_prune")
+
+
+@dataclass
+class StateReset:
+    """Reset the optimizer state of ``params``.
+
+    ``full`` zeroes every state tensor (moments and Adam's step count); ``random_prune`` zeroes a
+    random ``fraction`` of the moment entries; ``magnitude_prune`` zeroes the entries whose
+    magnitude is below the ``fraction`` quantile (ReLoRA, Lialin et al. 2023).
+    """
+
+    params: list[torch.Tensor]
+    mode: ResetMode = "full"
+    fraction: float = 1.0
+    seed: int = 0
+
+
+def reset_state_(optimizer: Optimizer, reset: StateReset) -> int:
+    """Apply ``reset`` to ``optimizer`` in place; return the number of state entries zeroed."""
+    generator = torch.Generator().manual_seed(reset.seed)
+    zeroed = 0
+    for param in reset.params:
+        state = optimizer.state.get(param)
+        if not state:
+            continue
+        for key, value in state.items():
+            if not torch.is_tensor(value):
+                continue
+            local = local_tensor(value)
+            if key == "step" or local.dim() == 0:
+                if reset.mode == "full":
+                    local.zero_()
+                continue
+            zeroed += _zero_(local, reset, generator)
+    return zeroed
+
+
+def _zero_(t: torch.Tensor, reset: StateReset, generator: torch.Generator) -> int:
+    if reset.mode == "full":
+        t.zero_()
+        return t.numel()
+    if reset.mode == "random_prune":
+        mask = torch.rand(t.shape, generator=generator) < reset.fraction
+    else:
+        magnitude = t.detach().abs().float().cpu()
+        k = max(1, int(reset.fraction * magnitude.numel()))
+        mask = magnitude <= magnitude.flatten().kthvalue(k).values
+    t.masked_fill_(mask.to(t.device), 0)
+    return int(mask.sum())

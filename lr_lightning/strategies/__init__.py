@@ -1,0 +1,8 @@
+"""Low-rank training methods as interchangeable strategy objects."""
+
+from lr_lightning.strategies.base import LayerRow, LowRankStrategy, StrategyReport, strategy_from_config
+from lr_lightning.strategies.full_rank import FullRank
+from lr_lightning.strategies.lora import LoRA
+from lr_lightning.strategies.relora import ReLoRA
+
+__all__ = ["LowRankStrategy", "LayerRow", "StrategyReport", "strategy_from_config", "FullRank", "LoRA", "ReLoRA"]

@@ -1,0 +1,312 @@
+"""``LowRankStrategy``: which modules a method converts, how, and what it does to them over training.
+
+A strategy is plain configuration plus math. It selects modules by glob patterns (like peft's
+``target_modules``), converts them into factorized layers, reports their sizes, builds optimizer
+parameter groups, and exposes its periodic operation (``should_update`` / ``update``). When to run
+that operation is the job of :class:`lr_lightning.callbacks.LowRankCallback`.
+
+Subclasses write ``convert`` (and, for methods with a periodic operation, ``should_update`` and
+``update``). Constructor arguments are stored under their own names, which is what ``to_config``
+reads, so a subclass can be rebuilt from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import fnmatch
+import importlib
+import inspect
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lr_lightning.layers.base import LowRankLayer
+from lr_lightning.optim import StateReset
+
+HEAD_NAMES = ("lm_head", "head", "output_projection", "classifier")
+"""Leaf names treated as the output head, which ``target_modules=None`` leaves dense."""
+
+DECAY_ROLES = frozenset({"dense", "factor", "base"})
+"""Parameter roles that receive weight decay; the rest (bias, frozen, basis, spectrum) get none."""
+
+
+def resolve_rank(rank: int | float, out_features: int, in_features: int, layer: str) -> int:
+    """An int rank as given, or a float fraction of ``min(m, n)`` rounded (at least 1)."""
+    full = min(out_features, in_features)
+    resolved = max(1, round(rank * full)) if isinstance(rank, float) else rank
+    if not 1 <= resolved <= full:
+        raise ValueError(
+            f"rank={rank} is too large for layer '{layer}' of shape ({out_features}, {in_features}): "
+            f"allowed ranks are 1..{full} (min(m, n)) or a fraction in (0, 1]"
+        )
+    return resolved
+
+
+def check_rank_argument(rank: int | float, name: str = "rank") -> None:
+    """Reject a rank that is neither a positive int nor a fraction in (0, 1]."""
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+        raise TypeError(f"{name} must be an int >= 1 or a float in (0, 1], got {rank!r}")
+    if isinstance(rank, int) and rank < 1 or isinstance(rank, float) and not 0 < rank <= 1:
+        raise ValueError(f"{name} must be an int >= 1 or a float in (0, 1], got {rank!r}")
+
+
+@dataclass
+class LayerRow:
+    """One converted (or targeted) layer in a :class:`StrategyReport`."""
+
+    name: str
+    shape: tuple[int, int]
+    rank: int
+    capacity: int
+    trainable: int
+    dense: int
+
+
+@dataclass
+class StrategyReport:
+    """Per-layer ranks and parameter counts of a converted model; ``str()`` is a table."""
+
+    strategy: str
+    rows: list[LayerRow]
+    model_trainable: int
+    model_total: int
+
+    @property
+    def trainable(self) -> int:
+        return sum(r.trainable for r in self.rows)
+
+    @property
+    def dense(self) -> int:
+        return sum(r.dense for r in self.rows)
+
+    @property
+    def ratio(self) -> float:
+        """Trainable parameters of the targeted layers over their dense parameter count."""
+        return self.trainable / max(self.dense, 1)
+
+    def __str__(self) -> str:
+        header = ("layer", "shape", "rank", "capacity", "trainable", "dense")
+        lines = [(r.name, f"{r.shape[0]}x{r.shape[1]}", str(r.rank), str(r.capacity),
+                  f"{r.trainable:,}", f"{r.dense:,}") for r in self.rows]
+        lines.append(("total", "", "", "", f"{self.trainable:,}", f"{self.dense:,}"))
+        widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
+        fmt = lambda row: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+        rule = "-" * len(fmt(header))
+        return "\n".join([
+            f"{self.strategy}: {len(self.rows)} layers",
+            fmt(header), rule, *map(fmt, lines[:-1]), rule, fmt(lines[-1]),
+            f"trainable / dense in these layers: {self.ratio:.2%}; "
+            f"whole model: {self.model_trainable:,} trainable of {self.model_total:,} parameters",
+        ])
+
+
+class LowRankStrategy:
+    """Base class of every low-rank training method.
+
+    Args:
+        target_modules: Glob patterns on qualified module names (``"*.attn.*"``). ``None`` selects
+            every convertible module except the output head (a layer named one of ``HEAD_NAMES`` or
+            whose weight is tied to an embedding). Each pattern must match at least one module.
+        exclude_modules: Glob patterns of modules never converted.
+    """
+
+    module_types: tuple[type[nn.Module], ...] = (nn.Linear,)
+    """Module classes this strategy converts (each must have a 2-D ``weight``)."""
+
+    def __init__(self, target_modules: list[str] | None = None, exclude_modules: list[str] | None = None) -> None:
+        for arg, value in (("target_modules", target_modules), ("exclude_modules", exclude_modules)):
+            if value is not None and (isinstance(value, str) or not all(isinstance(p, str) for p in value)):
+                raise TypeError(f"{arg} must be a list of glob patterns such as ['*.attn.*'], got {value!r}")
+        self.target_modules = list(target_modules) if target_modules is not None else None
+        self.exclude_modules = list(exclude_modules) if exclude_modules is not None else None
+
+    # ----------------------------------------------------------------------------- conversion
+    def convert(self, name: str, module: nn.Module, index: int) -> nn.Module:
+        """Return the replacement of ``module`` (the ``index``-th selected layer, named ``name``)."""
+        raise NotImplementedError
+
+    def handles(self, module: nn.Module) -> bool:
+        """Whether ``module`` is a layer this strategy can convert."""
+        weight = getattr(module, "weight", None)
+        return isinstance(module, self.module_types) and torch.is_tensor(weight) and weight.dim() == 2
+
+    def select(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The ``(name, module)`` pairs to convert, or already converted, in registration order."""
+        candidates = self._candidates(model)
+        if self.target_modules is None:
+            selected = [(n, m) for n, m in candidates if not self._is_head(model, n, m)]
+        else:
+            names = [n for n, _ in candidates]
+            for pattern in self.target_modules:
+                if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                    raise ValueError(self._no_match_message(model, pattern, names))
+            selected = [(n, m) for n, m in candidates
+                        if any(fnmatch.fnmatchcase(n, p) for p in self.target_modules)]
+        for pattern in self.exclude_modules or []:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in selected):
+                warnings.warn(f"exclude_modules pattern '{pattern}' matched no selected module", stacklevel=2)
+        selected = [(n, m) for n, m in selected
+                    if not any(fnmatch.fnmatchcase(n, p) for p in self.exclude_modules or [])]
+        if not selected:
+            raise ValueError(f"{type(self).__name__} selected no module to convert: every candidate was "
+                             f"excluded (exclude_modules={self.exclude_modules})")
+        return selected
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Convert the selected modules in place and return ``model``. Idempotent.
+
+        All replacements are built before any is installed, so a bad rank leaves the model as it was.
+        """
+        pending = [(i, name, module) for i, (name, module) in enumerate(self.select(model))
+                   if not isinstance(module, LowRankLayer)]
+        replacements = [(name, self.convert(name, module, i)) for i, name, module in pending]
+        for name, new in replacements:
+            if new is not model.get_submodule(name):
+                parent, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(parent), leaf, new)
+        return model
+
+    def layers(self, model: nn.Module) -> list[tuple[str, LowRankLayer]]:
+        """The converted layers of ``model``."""
+        return [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankLayer)]
+
+    def _candidates(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        inside_layer: list[str] = []
+        found = []
+        for name, module in model.named_modules():
+            if any(name.startswith(prefix + ".") for prefix in inside_layer):
+                continue
+            if isinstance(module, LowRankLayer):
+                inside_layer.append(name)
+                found.append((name, module))
+            elif self.handles(module):
+                found.append((name, module))
+        return found
+
+    @staticmethod
+    def _is_head(model: nn.Module, name: str, module: nn.Module) -> bool:
+        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        return name.rpartition(".")[2] in HEAD_NAMES or id(getattr(module, "weight", None)) in embeddings
+
+    def _no_match_message(self, model: nn.Module, pattern: str, names: list[str]) -> str:
+        close = difflib.get_close_matches(pattern.replace("*", ""), names, n=5, cutoff=0.3) or names[:5]
+        others = [n for n, m in model.named_modules() if n and fnmatch.fnmatchcase(n, pattern)]
+        hint = (f" It matches {others[:3]}, which {type(self).__name__} cannot convert "
+                f"(it converts {[t.__name__ for t in self.module_types]})." if others else "")
+        return (f"target_modules pattern '{pattern}' matched no convertible module.{hint} "
+                f"Convertible modules include: {close}")
+
+    # ----------------------------------------------------------------------------- reporting
+    def report(self, model: nn.Module) -> StrategyReport:
+        """Per-layer rank, capacity, trainable and dense parameter counts of the selected layers."""
+        rows = []
+        for name, module in self.select(model):
+            if isinstance(module, LowRankLayer):
+                rows.append(LayerRow(name, (module.out_features, module.in_features), module.rank,
+                                     module.capacity, module.trainable_numel(), module.dense_numel()))
+            else:
+                m, n = module.weight.shape
+                bias = getattr(module, "bias", None)
+                dense = m * n + (bias.numel() if bias is not None else 0)
+                trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+                rows.append(LayerRow(name, (m, n), min(m, n), min(m, n), trainable, dense))
+        params = {id(p): p for p in model.parameters()}.values()
+        return StrategyReport(type(self).__name__, rows,
+                              sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+
+    # ----------------------------------------------------------------------------- optimization
+    def param_groups(self, model: nn.Module, weight_decay: float | None = None) -> list[dict[str, Any]]:
+        """Optimizer parameter groups tagged with ``lowrank_role``.
+
+        Roles come from the converted layers (``factor``, ``frozen``, ``basis``, ...); other
+        parameters are ``dense`` (2-D and more) or ``bias`` (1-D: biases, norms). Roles outside
+        ``DECAY_ROLES`` get ``weight_decay=0``; the decayed groups take ``weight_decay`` if given,
+        else the optimizer's default. Frozen parameters are left out.
+        """
+        roles: dict[int, str] = {}
+        for _, layer in self.layers(model):
+            for pname, p in layer.named_parameters(recurse=False):
+                roles[id(p)] = layer.roles.get(pname, "factor")
+        groups: dict[str, list[torch.Tensor]] = {}
+        seen: set[int] = set()
+        for p in model.parameters():
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            role = roles.get(id(p), "dense" if p.dim() >= 2 else "bias")
+            groups.setdefault(role, []).append(p)
+        result = []
+        for role, params in groups.items():
+            group: dict[str, Any] = {"params": params, "lowrank_role": role}
+            if role not in DECAY_ROLES:
+                group["weight_decay"] = 0.0
+            elif weight_decay is not None:
+                group["weight_decay"] = weight_decay
+            result.append(group)
+        return result
+
+    def lr_multiplier(self, step: int, role: str) -> float:
+        """Factor on the learning rate of the ``role`` group after ``step`` optimizer steps."""
+        return 1.0
+
+    # ----------------------------------------------------------------------------- periodic op
+    def should_update(self, step: int) -> bool:
+        """Whether the periodic operation runs once ``step`` optimizer steps have completed."""
+        return False
+
+    def update(self, model: nn.Module, step: int) -> list[StateReset]:
+        """Run the periodic operation; return the optimizer-state resets it calls for."""
+        return []
+
+    def metrics(self, model: nn.Module) -> dict[str, float]:
+        """Scalars worth logging after an update (ranks, counts)."""
+        ranks = [layer.rank for _, layer in self.layers(model)]
+        return {"lowrank/total_rank": float(sum(ranks))} if ranks else {}
+
+    # ----------------------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """Schedule position and other state not held in the model's buffers."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def to_config(self) -> dict[str, Any]:
+        """``{"class_path", "init_args"}`` of this strategy (LightningCLI's format)."""
+        cls = type(self)
+        params = [p for p in inspect.signature(cls.__init__).parameters.values()
+                  if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}",
+                "init_args": {p.name: copy.deepcopy(getattr(self, p.name)) for p in params}}
+
+    # ----------------------------------------------------------------------------- export
+    def export(self, model: nn.Module) -> nn.Module:
+        """A copy of ``model`` with every converted layer replaced by its compact form."""
+        compact = copy.deepcopy(model)
+        for name, layer in self.layers(compact):
+            parent, _, leaf = name.rpartition(".")
+            setattr(compact.get_submodule(parent), leaf, layer.export())
+        return compact
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.to_config()["init_args"].items())
+        return f"{type(self).__name__}({args})"
+
+
+def strategy_from_config(config: dict[str, Any]) -> LowRankStrategy:
+    """Rebuild a strategy from :meth:`LowRankStrategy.to_config` output."""
+    module, _, name = config["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    if not (isinstance(cls, type) and issubclass(cls, LowRankStrategy)):
+        raise TypeError(f"class_path {config['class_path']!r} is not a LowRankStrategy")
+    return cls(**config.get("init_args", {}))
+
+
+def trainable_parameters(model: nn.Module) -> Iterable[torch.Tensor]:
+    """Distinct parameters of ``model`` that require gradients."""
+    return {id(p): p for p in model.parameters() if p.requires_grad}.values()

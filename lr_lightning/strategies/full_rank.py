@@ -1,0 +1,14 @@
+"""The dense baseline: nothing is converted."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lr_lightning.strategies.base import LowRankStrategy
+
+
+class FullRank(LowRankStrategy):
+    """Dense training; the selected layers are reported at rank ``min(m, n)`` and left unchanged."""
+
+    def convert(self, name: str, module: nn.Module, index: int) -> nn.Module:
+        return module
