@@ -1,0 +1,5 @@
+"""Lightning data modules."""
+
+from lr_lightning.data.text import TextDataModule
+
+__all__ = ["TextDataModule"]

@@ -1,0 +1,138 @@
+"""``LanguageModelingTask``: next-token prediction with a GPT-style decoder and a low-rank strategy."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torchmetrics.text import Perplexity
+
+from lr_lightning.callbacks import LowRankCallback
+from lr_lightning.callbacks.lowrank import CHECKPOINT_KEY
+from lr_lightning.models import GPT, GPTConfig
+from lr_lightning.schedules import strategy_lr_scheduler, warmup_cosine
+from lr_lightning.strategies import FullRank, LowRankStrategy, strategy_from_config
+
+
+class LanguageModelingTask(L.LightningModule):
+    """Train a GPT decoder on ``(x, y)`` token windows; loss ``-1/T sum_t log p(y_t | x_<=t)``.
+
+    The strategy converts the decoder's linear layers in ``__init__`` (module names start with
+    ``model.``, e.g. ``model.blocks.0.attn.qkv``), so checkpoints and ``load_from_checkpoint`` see
+    the factorized parameters. The optimizer is built in ``configure_optimizers`` from
+    ``strategy.param_groups``, with linear warmup and cosine decay multiplied by the strategy's own
+    LR factor (ReLoRA's re-warmups). Under ``ModelParallelStrategy`` each block and the whole
+    decoder are sharded with FSDP2's ``fully_shard`` in ``configure_model``.
+
+    Args:
+        strategy: The low-rank method (default: ``FullRank()``).
+        optimizer: Optimizer factory called with the parameter groups (default: AdamW, lr 1e-3).
+        vocab_size: Embedding rows; at least the tokenizer's vocabulary.
+        block_size: Longest context.
+        n_layer: Decoder blocks.
+        n_head: Attention heads.
+        n_embd: Model width.
+        ffn_mult: MLP hidden width over model width.
+        dropout: Dropout in attention and MLP outputs.
+        activation: MLP nonlinearity (``gelu`` as GPT-2, ``relu`` as OPT).
+        warmup_steps: Linear LR warmup steps.
+        min_lr_ratio: Final LR of the cosine decay, relative to the peak.
+    """
+
+    def __init__(
+        self,
+        strategy: LowRankStrategy | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        vocab_size: int = 256,
+        block_size: int = 128,
+        n_layer: int = 4,
+        n_head: int = 4,
+        n_embd: int = 128,
+        ffn_mult: int = 4,
+        dropout: float = 0.0,
+        activation: Literal["gelu", "relu"] = "gelu",
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if not 0 <= min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        self.save_hyperparameters(ignore=["strategy", "optimizer"])
+        self.strategy = strategy if strategy is not None else FullRank()
+        self.optimizer_factory = optimizer
+        self.model = GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
+                                   n_embd=n_embd, ffn_mult=ffn_mult, dropout=dropout, activation=activation))
+        self.strategy.apply(self)
+        self.val_ppl = Perplexity()
+        self.test_ppl = Perplexity()
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        needed = getattr(datamodule, "tokenizer_vocab_size", None)
+        if needed is not None and needed > self.hparams.vocab_size:
+            raise ValueError(f"model vocab_size={self.hparams.vocab_size} is smaller than the tokenizer's "
+                             f"vocabulary ({needed}): set --model.init_args.vocab_size {needed}")
+
+    def configure_model(self) -> None:
+        mesh = self.device_mesh
+        if mesh is None or isinstance(self.model, FSDPModule):
+            return
+        data_parallel = mesh["data_parallel"]
+        for block in self.model.blocks:
+            fully_shard(block, mesh=data_parallel)
+        fully_shard(self.model, mesh=data_parallel)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Re-apply the checkpoint's strategy before its weights load (``load_from_checkpoint``)."""
+        config = checkpoint.get(CHECKPOINT_KEY)
+        if config is None or config == self.strategy.to_config():
+            return
+        if self._trainer is not None:
+            raise ValueError(f"the checkpoint was trained with {config['class_path']} {config['init_args']}, "
+                             f"but this task uses {self.strategy!r}")
+        self.strategy = strategy_from_config(config)
+        self.model = GPT(self.model.config)
+        self.strategy.apply(self)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [LowRankCallback(self.strategy)]
+
+    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = batch
+        logits = self(x)
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()), logits
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _ = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        loss, logits = self._loss(batch)
+        self.val_ppl(logits.float(), batch[1])
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", self.val_ppl, prog_bar=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        loss, logits = self._loss(batch)
+        self.test_ppl(logits.float(), batch[1])
+        self.log("test/loss", loss, sync_dist=True)
+        self.log("test/ppl", self.test_ppl)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(self.strategy.param_groups(self))
+        base = partial(warmup_cosine, warmup_steps=self.hparams.warmup_steps,
+                       total_steps=int(self.trainer.estimated_stepping_batches),
+                       min_lr_ratio=self.hparams.min_lr_ratio)
+        scheduler = strategy_lr_scheduler(optimizer, self.strategy, base)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,76 @@
+import lightning as L
+import pytest
+import torch
+from conftest import TinyMLP
+from torch.utils.data import DataLoader, TensorDataset
+
+from lr_lightning.callbacks import LowRankCallback, RankMonitor
+from lr_lightning.layers import LoRALinear
+from lr_lightning.strategies import LoRA, ReLoRA
+
+
+class PlainModule(L.LightningModule):
+    """A user's module: builds its own optimizer from model.parameters(), knows nothing of strategies."""
+
+    def __init__(self, optimizer_before_conversion: bool = False) -> None:
+        super().__init__()
+        self.net = TinyMLP()
+        self.early_optimizer = torch.optim.SGD(self.parameters(), lr=0.1) if optimizer_before_conversion else None
+        self.merge_steps: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.net(x).flatten(0, 1), y.flatten())
+
+    def configure_optimizers(self):
+        return self.early_optimizer or torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def _loader(n: int = 32) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 11, (n, 5), generator=g), torch.randint(0, 11, (n, 5), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=4)
+
+
+def _trainer(callbacks, **kw) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, **kw)
+
+
+class CountingReLoRA(ReLoRA):
+    def update(self, model, step):
+        self.steps_seen = [*getattr(self, "steps_seen", []), step]
+        return super().update(model, step)
+
+
+@pytest.mark.parametrize("accumulate", [1, 4])
+def test_callback_converts_a_plain_module_and_merges_on_optimizer_steps(accumulate):
+    torch.manual_seed(0)
+    module = PlainModule()
+    strategy = CountingReLoRA(rank=4, merge_every=3, restart_warmup_steps=1)
+    _trainer([LowRankCallback(strategy, verbose=False)], max_steps=7, accumulate_grad_batches=accumulate,
+             max_epochs=-1).fit(module, _loader(64))
+    assert isinstance(module.net.body[0], LoRALinear)
+    assert strategy.steps_seen == [3, 6] and strategy.merges == 2
+
+
+def test_optimizer_built_before_conversion_is_a_clear_error():
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match="optimizer does not hold .* low-rank parameters"):
+        _trainer([LowRankCallback(LoRA(rank=2), verbose=False)], max_steps=1).fit(
+            PlainModule(optimizer_before_conversion=True), _loader())
+
+
+def test_callback_rejects_a_non_strategy():
+    with pytest.raises(TypeError, match="strategy must be a LowRankStrategy"):
+        LowRankCallback("LoRA")
+
+
+def test_rank_monitor_records_and_plots(tmp_path):
+    torch.manual_seed(0)
+    plot = tmp_path / "ranks.png"
+    monitor = RankMonitor(every_n_steps=2, spectra=True, plot_path=str(plot))
+    _trainer([LowRankCallback(LoRA(rank=3), verbose=False), monitor], max_steps=4).fit(PlainModule(), _loader())
+    assert set(monitor.history) == {"net.body.0", "net.body.2"}
+    assert monitor.history["net.body.0"] == [(0, 3), (2, 3), (4, 3)]
+    assert plot.stat().st_size > 1000 and plot.read_bytes()[:4] == b"\x89PNG"

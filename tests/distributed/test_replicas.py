@@ -1,0 +1,49 @@
+"""2-process CPU (gloo) runs of LoRA and ReLoRA under DDP and FSDP2 (ModelParallelStrategy)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).with_name("replicas.py")
+RUNS = [(backend, method) for method in ("lora", "relora") for backend in ("ddp", "fsdp2")]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict[tuple[str, str], tuple[dict, Path]]:
+    out = {}
+    for backend, method in RUNS:
+        workdir = tmp_path_factory.mktemp(f"{backend}-{method}")
+        proc = subprocess.run([sys.executable, str(SCRIPT), "--backend", backend, "--method", method,
+                               "--workdir", str(workdir)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        out[backend, method] = json.loads((workdir / "result.json").read_text()), workdir
+    return out
+
+
+@pytest.mark.parametrize(("backend", "method"), RUNS)
+def test_replicas_hold_identical_weights(results, backend, method):
+    result, _ = results[backend, method]
+    assert result["straight_replicas_equal"] and result["resumed_replicas_equal"]
+
+
+@pytest.mark.parametrize(("backend", "method"), RUNS)
+def test_checkpoint_resumes_to_the_same_state(results, backend, method):
+    result, _ = results[backend, method]
+    assert result["step"] == 8
+    assert result["second_half_moved"] > 1e-2  # the second half really trained
+    assert result["resume_max_abs_diff"] < 1e-6
+    if method == "relora":
+        assert result["merges"] == 2  # merges at steps 3 and 6, the second one after the resume
+
+
+@pytest.mark.parametrize("method", ["lora", "relora"])
+def test_fsdp2_trains_like_ddp(results, method):
+    ddp = torch.load(results["ddp", method][1] / "straight.pt")
+    fsdp2 = torch.load(results["fsdp2", method][1] / "straight.pt")
+    assert ddp.keys() == fsdp2.keys()
+    for key in ddp:
+        torch.testing.assert_close(fsdp2[key], ddp[key], atol=1e-4, rtol=1e-4, msg=key)
