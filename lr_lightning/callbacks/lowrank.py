@@ -47,6 +47,9 @@ class LowRankCallback(L.Callback):
         if self.verbose:
             rank_zero_info(str(self.strategy.report(pl_module)))
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log(trainer, pl_module)
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
@@ -60,9 +63,7 @@ class LowRankCallback(L.Callback):
             for reset in resets:
                 reset_state_(optimizer, reset)
         broadcast_layers_(self.strategy.layers(pl_module))
-        metrics = self.strategy.metrics(pl_module)
-        if metrics and trainer.logger is not None:
-            trainer.logger.log_metrics(metrics, step=step)
+        self._log(trainer, pl_module)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -74,6 +75,11 @@ class LowRankCallback(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_step = state_dict["last_step"]
         self.strategy.load_state_dict(state_dict["strategy"])
+
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = self.strategy.metrics(pl_module)
+        for logger in trainer.loggers if metrics else []:
+            logger.log_metrics(metrics, step=trainer.global_step)
 
     def _check_optimizers(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Fail if the optimizer misses factor parameters (built before conversion, e.g. CLI --optimizer)."""

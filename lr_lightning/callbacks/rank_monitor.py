@@ -59,8 +59,8 @@ class RankMonitor(L.Callback):
                 p = s / s.sum().clamp_min(1e-12)
                 metrics[f"spectrum/{name}/top"] = float(s[0])
                 metrics[f"spectrum/{name}/effective_rank"] = float(torch.exp(-(p * p.clamp_min(1e-12).log()).sum()))
-        if metrics and trainer.logger is not None:
-            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        for logger in trainer.loggers if metrics else []:
+            logger.log_metrics(metrics, step=trainer.global_step)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.plot_path is not None and self.history:

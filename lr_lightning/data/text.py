@@ -122,7 +122,7 @@ class TextDataModule(L.LightningDataModule):
         tokenizer: ``"byte"`` (UTF-8 bytes, vocabulary 256) or ``"bpe"`` (byte-level BPE trained on
             the training split and cached).
         bpe_vocab_size: Target BPE vocabulary size (must exceed 256); ignored for ``"byte"``.
-        block_size: Tokens per training sequence.
+        seq_len: Tokens per training sequence (at most the model's context length).
         batch_size: Sequences per batch.
         val_fraction: Fraction of characters for validation and, again, for test when splitting
             the default corpus or a single file; in (0, 0.5).
@@ -136,7 +136,7 @@ class TextDataModule(L.LightningDataModule):
         path: str | None = None,
         tokenizer: TokenizerKind = "byte",
         bpe_vocab_size: int = 4096,
-        block_size: int = 128,
+        seq_len: int = 128,
         batch_size: int = 16,
         val_fraction: float = 0.05,
         max_chars: int | None = None,
@@ -148,7 +148,7 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"tokenizer must be one of {get_args(TokenizerKind)}, got {tokenizer!r}")
         if tokenizer == "bpe" and bpe_vocab_size <= BYTE_VOCAB_SIZE:
             raise ValueError(f"bpe_vocab_size must exceed {BYTE_VOCAB_SIZE} for tokenizer='bpe', got {bpe_vocab_size}")
-        for name, value in (("block_size", block_size), ("batch_size", batch_size)):
+        for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
             if value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value}")
         if not 0.0 < val_fraction < 0.5:
@@ -163,7 +163,7 @@ class TextDataModule(L.LightningDataModule):
         self.path = path
         self.tokenizer_kind = tokenizer
         self.bpe_vocab_size = bpe_vocab_size
-        self.block_size = block_size
+        self.seq_len = seq_len
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.max_chars = max_chars
@@ -197,12 +197,12 @@ class TextDataModule(L.LightningDataModule):
         self.tokenizer = build_tokenizer(self.tokenizer_kind, texts["train"], self.bpe_vocab_size, self.cache_dir)
         self.ids = {split: encode_text(self.tokenizer, text, f"tokenizing {split}") for split, text in texts.items()}
         for split, ids in self.ids.items():
-            if len(ids) < self.block_size + 1:
+            if len(ids) < self.seq_len + 1:
                 raise ValueError(
-                    f"the {split} split has {len(ids)} tokens, fewer than block_size + 1 = {self.block_size + 1}; "
-                    "lower block_size or raise max_chars / val_fraction"
+                    f"the {split} split has {len(ids)} tokens, fewer than seq_len + 1 = {self.seq_len + 1}; "
+                    "lower seq_len or raise max_chars / val_fraction"
                 )
-        self.datasets = {split: TokenWindowDataset(ids, self.block_size) for split, ids in self.ids.items()}
+        self.datasets = {split: TokenWindowDataset(ids, self.seq_len) for split, ids in self.ids.items()}
         if len(self.datasets["train"]) < self.batch_size:
             raise ValueError(
                 f"the train split has {len(self.datasets['train'])} windows, fewer than batch_size={self.batch_size}"

@@ -18,7 +18,6 @@ import fnmatch
 import importlib
 import inspect
 import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -306,7 +305,3 @@ def strategy_from_config(config: dict[str, Any]) -> LowRankStrategy:
         raise TypeError(f"class_path {config['class_path']!r} is not a LowRankStrategy")
     return cls(**config.get("init_args", {}))
 
-
-def trainable_parameters(model: nn.Module) -> Iterable[torch.Tensor]:
-    """Distinct parameters of ``model`` that require gradients."""
-    return {id(p): p for p in model.parameters() if p.requires_grad}.values()

@@ -82,6 +82,10 @@ class LanguageModelingTask(L.LightningModule):
         if needed is not None and needed > self.hparams.vocab_size:
             raise ValueError(f"model vocab_size={self.hparams.vocab_size} is smaller than the tokenizer's "
                              f"vocabulary ({needed}): set --model.init_args.vocab_size {needed}")
+        seq_len = getattr(datamodule, "seq_len", None)
+        if seq_len is not None and seq_len > self.hparams.block_size:
+            raise ValueError(f"data seq_len={seq_len} exceeds the model's block_size={self.hparams.block_size}: "
+                             f"lower --data.init_args.seq_len or raise --model.init_args.block_size")
 
     def configure_model(self) -> None:
         mesh = self.device_mesh

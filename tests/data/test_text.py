@@ -19,7 +19,7 @@ def test_default_corpus_splits_partition_the_text():
 
 
 def test_default_corpus_is_deterministic():
-    a, b = TextDataModule(block_size=32, batch_size=4), TextDataModule(block_size=32, batch_size=4)
+    a, b = TextDataModule(seq_len=32, batch_size=4), TextDataModule(seq_len=32, batch_size=4)
     a.setup("fit")
     b.setup("fit")
     for split in ("train", "val", "test"):
@@ -29,7 +29,7 @@ def test_default_corpus_is_deterministic():
 
 
 def test_batches_are_shifted_windows():
-    dm = TextDataModule(block_size=32, batch_size=4, max_chars=20_000)
+    dm = TextDataModule(seq_len=32, batch_size=4, max_chars=20_000)
     dm.setup("fit")
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == y.shape == (4, 32)
@@ -51,15 +51,15 @@ def test_token_window_dataset():
 
 
 def test_split_shorter_than_a_window_raises():
-    dm = TextDataModule(block_size=64, batch_size=1, max_chars=50)
-    with pytest.raises(ValueError, match="block_size"):
+    dm = TextDataModule(seq_len=64, batch_size=1, max_chars=50)
+    with pytest.raises(ValueError, match="seq_len"):
         dm.setup("fit")
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "wikitext-2").is_dir(), reason="shared/data/wikitext-2 not present")
 def test_wikitext2_loads_with_max_chars():
     folder = SHARED_DATA / "wikitext-2"
-    dm = TextDataModule(path=str(folder), block_size=64, batch_size=8, max_chars=20_000)
+    dm = TextDataModule(path=str(folder), seq_len=64, batch_size=8, max_chars=20_000)
     dm.setup("fit")
     valid = (folder / "wiki.valid.tokens").read_text(encoding="utf-8")[:20_000]
     assert dm.tokenizer.decode(dm.ids["val"].tolist()) == valid
@@ -72,7 +72,7 @@ def test_plain_text_file_split_by_position(tmp_path):
     text = "".join(f"line {i}: the quick brown fox\n" for i in range(200))
     file = tmp_path / "corpus.txt"
     file.write_text(text, encoding="utf-8")
-    dm = TextDataModule(path=str(file), block_size=16, batch_size=2, val_fraction=0.1)
+    dm = TextDataModule(path=str(file), seq_len=16, batch_size=2, val_fraction=0.1)
     dm.setup("fit")
     decoded = {split: dm.tokenizer.decode(ids.tolist()) for split, ids in dm.ids.items()}
     n_eval = int(0.1 * len(text))
@@ -84,7 +84,7 @@ def test_plain_text_file_split_by_position(tmp_path):
 def test_directory_with_txt_splits(tmp_path):
     for split in ("train", "valid", "test"):
         (tmp_path / f"{split}.txt").write_text(f"{split} text " * 20, encoding="utf-8")
-    dm = TextDataModule(path=str(tmp_path), block_size=8, batch_size=2)
+    dm = TextDataModule(path=str(tmp_path), seq_len=8, batch_size=2)
     dm.setup("fit")
     assert dm.tokenizer.decode(dm.ids["val"].tolist()) == "valid text " * 20
 
@@ -118,7 +118,7 @@ def test_bpe_trains_caches_and_round_trips(tmp_path, monkeypatch):
 
 
 def test_bpe_datamodule(tmp_path):
-    dm = TextDataModule(tokenizer="bpe", bpe_vocab_size=400, block_size=16, batch_size=4, max_chars=50_000,
+    dm = TextDataModule(tokenizer="bpe", bpe_vocab_size=400, seq_len=16, batch_size=4, max_chars=50_000,
                         cache_dir=str(tmp_path))
     with pytest.raises(RuntimeError, match="setup"):
         dm.tokenizer_vocab_size
@@ -148,7 +148,7 @@ def test_directory_without_split_files(tmp_path):
     [
         ({"tokenizer": "word"}, "tokenizer"),
         ({"tokenizer": "bpe", "bpe_vocab_size": 100}, "bpe_vocab_size"),
-        ({"block_size": 0}, "block_size"),
+        ({"seq_len": 0}, "seq_len"),
         ({"val_fraction": 0.5}, "val_fraction"),
         ({"max_chars": 0}, "max_chars"),
     ],

@@ -22,7 +22,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 from lr_lightning.layers.tensors import full_tensor
-from lr_lightning.strategies import LoRA, ReLoRA
+from lr_lightning.strategies import FullRank, LoRA, ReLoRA
 from lr_lightning.tasks import LanguageModelingTask
 
 VOCAB, BLOCK = 32, 16
@@ -40,8 +40,8 @@ def loader() -> DataLoader:
 
 def task(method: str) -> LanguageModelingTask:
     L.seed_everything(0, verbose=False)
-    strategy = (LoRA(rank=4, alpha=8.0) if method == "lora" else
-                ReLoRA(rank=4, alpha=8.0, merge_every=3, reset="full", restart_warmup_steps=1))
+    strategy = {"full": FullRank(), "lora": LoRA(rank=4, alpha=8.0),
+                "relora": ReLoRA(rank=4, alpha=8.0, merge_every=3, reset="full", restart_warmup_steps=1)}[method]
     return LanguageModelingTask(strategy=strategy, vocab_size=VOCAB, block_size=BLOCK, n_layer=2, n_head=2,
                                 n_embd=32, warmup_steps=2,
                                 optimizer=lambda groups: torch.optim.AdamW(groups, lr=1e-2))
@@ -84,7 +84,7 @@ def replica_digests(state: dict[str, torch.Tensor]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backend", choices=["ddp", "fsdp2"], required=True)
-    parser.add_argument("--method", choices=["lora", "relora"], required=True)
+    parser.add_argument("--method", choices=["full", "lora", "relora"], required=True)
     parser.add_argument("--half", type=int, default=4)
     parser.add_argument("--workdir", type=Path, required=True)
     args = parser.parse_args()

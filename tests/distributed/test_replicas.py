@@ -1,4 +1,4 @@
-"""2-process CPU (gloo) runs of LoRA and ReLoRA under DDP and FSDP2 (ModelParallelStrategy)."""
+"""2-process CPU (gloo) runs of every foundation strategy under DDP and FSDP2 (ModelParallelStrategy)."""
 
 import json
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).with_name("replicas.py")
-RUNS = [(backend, method) for method in ("lora", "relora") for backend in ("ddp", "fsdp2")]
+RUNS = [(backend, method) for method in ("full", "lora", "relora") for backend in ("ddp", "fsdp2")]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_checkpoint_resumes_to_the_same_state(results, backend, method):
         assert result["merges"] == 2  # merges at steps 3 and 6, the second one after the resume
 
 
-@pytest.mark.parametrize("method", ["lora", "relora"])
+@pytest.mark.parametrize("method", ["full", "lora", "relora"])
 def test_fsdp2_trains_like_ddp(results, method):
     ddp = torch.load(results["ddp", method][1] / "straight.pt")
     fsdp2 = torch.load(results["fsdp2", method][1] / "straight.pt")
