@@ -33,10 +33,10 @@ class StateReset:
     seed: int = 0
 
 
-def reset_state_(optimizer: Optimizer, reset: StateReset) -> int:
-    """Apply ``reset`` to ``optimizer`` in place; return the number of state entries zeroed."""
+def reset_state_(optimizer: Optimizer, reset: StateReset) -> tuple[int, int]:
+    """Apply ``reset`` to ``optimizer`` in place; return (moment entries zeroed, moment entries seen)."""
     generator = torch.Generator().manual_seed(reset.seed)
-    zeroed = 0
+    zeroed = seen = 0
     for param in reset.params:
         state = optimizer.state.get(param)
         if not state:
@@ -50,7 +50,8 @@ def reset_state_(optimizer: Optimizer, reset: StateReset) -> int:
                     local.zero_()
                 continue
             zeroed += _zero_(local, reset, generator)
-    return zeroed
+            seen += local.numel()
+    return zeroed, seen
 
 
 def _zero_(t: torch.Tensor, reset: StateReset, generator: torch.Generator) -> int:
@@ -58,10 +59,10 @@ def _zero_(t: torch.Tensor, reset: StateReset, generator: torch.Generator) -> in
         t.zero_()
         return t.numel()
     if reset.mode == "random_prune":
-        mask = torch.rand(t.shape, generator=generator) < reset.fraction
+        mask = (torch.rand(t.shape, generator=generator) < reset.fraction).to(t.device)
     else:
-        magnitude = t.detach().abs().float().cpu()
+        magnitude = t.detach().abs().float()
         k = max(1, int(reset.fraction * magnitude.numel()))
         mask = magnitude <= magnitude.flatten().kthvalue(k).values
-    t.masked_fill_(mask.to(t.device), 0)
+    t.masked_fill_(mask, 0)
     return int(mask.sum())

@@ -25,7 +25,8 @@ class LowRankCallback(L.Callback):
     the optimizer sees the factorized parameters. The periodic operation fires in
     ``on_train_batch_end`` once per completed optimizer step (``trainer.global_step``), so gradient
     accumulation and validation never shift it. The optimizer-state resets it returns are applied in
-    place, and the converted layers are broadcast from process 0 afterwards so replicas cannot drift.
+    place (the fraction of state entries zeroed is logged, so a reset that resets nothing shows), and
+    the converted layers are broadcast from process 0 afterwards so replicas cannot drift.
 
     Args:
         strategy: The low-rank method to apply.
@@ -59,11 +60,13 @@ class LowRankCallback(L.Callback):
         if not self.strategy.should_update(step):
             return
         resets = self.strategy.update(pl_module, step)
+        zeroed = seen = 0
         for optimizer in trainer.optimizers:
             for reset in resets:
-                reset_state_(optimizer, reset)
+                z, s = reset_state_(optimizer, reset)
+                zeroed, seen = zeroed + z, seen + s
         broadcast_layers_(self.strategy.layers(pl_module))
-        self._log(trainer, pl_module)
+        self._log(trainer, pl_module, {"lowrank/optimizer_state_zeroed": zeroed / seen} if seen else {})
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -76,8 +79,8 @@ class LowRankCallback(L.Callback):
         self.last_step = state_dict["last_step"]
         self.strategy.load_state_dict(state_dict["strategy"])
 
-    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        metrics = self.strategy.metrics(pl_module)
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, extra: dict[str, float] | None = None) -> None:
+        metrics = {**self.strategy.metrics(pl_module), **(extra or {})}
         for logger in trainer.loggers if metrics else []:
             logger.log_metrics(metrics, step=trainer.global_step)
 

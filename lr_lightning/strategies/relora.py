@@ -17,8 +17,9 @@ class ReLoRA(LoRA):
     After each merge the optimizer state of ``A`` and ``B`` is reset (``reset``) and the learning
     rate of every group re-warms linearly from 0 over ``restart_warmup_steps`` (a multiplier on the
     task's schedule, which gives ReLoRA's jagged cosine). With ``warm_start_steps > 0`` the model
-    first trains full rank: ``W0`` is trainable and its learning rate drops to 0 once the warm start
-    ends (its ``requires_grad`` never flips, so DDP's buckets stay valid).
+    first trains full rank: ``W0`` trains beside the factors, the first merge folds ``B A`` in at
+    the end of the warm start, and from then on ``W0``'s learning rate is 0 (its ``requires_grad``
+    never flips, so DDP's buckets stay valid; its gradient is still computed).
     SST's ReLoRA* is ``reset="full", warm_start_steps=0`` with ``merge_every`` equal to SST's interval.
 
     Args:
@@ -85,11 +86,7 @@ class ReLoRA(LoRA):
                 layer.merge_()
                 layer.reinit_(self.generator(index, draw=self.merges))
                 factors += [layer.lora_A, layer.lora_B]
-        resets = [StateReset(factors, self.reset, self.reset_fraction, seed=self.seed + self.merges)]
-        if self.trains_base and step == self.warm_start_steps:
-            bases = [layer.weight for _, layer in self.layers(model) if isinstance(layer, LoRALinear)]
-            resets.append(StateReset(bases, "full"))
-        return resets
+        return [StateReset(factors, self.reset, self.reset_fraction, seed=self.seed + self.merges)]
 
     def lr_multiplier(self, step: int, role: str) -> float:
         """0 for ``W0`` after the warm start; a linear ramp from 0 to 1 after each merge."""

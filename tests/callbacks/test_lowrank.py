@@ -1,7 +1,11 @@
+import csv
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
 from conftest import TinyMLP
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lr_lightning.callbacks import LowRankCallback, RankMonitor
@@ -32,8 +36,8 @@ def _loader(n: int = 32) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=4)
 
 
-def _trainer(callbacks, **kw) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+def _trainer(callbacks, logger=False, **kw) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, logger=logger, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, **kw)
 
 
@@ -43,15 +47,21 @@ class CountingReLoRA(ReLoRA):
         return super().update(model, step)
 
 
-@pytest.mark.parametrize("accumulate", [1, 4])
-def test_callback_converts_a_plain_module_and_merges_on_optimizer_steps(accumulate):
+@pytest.mark.parametrize(("accumulate", "precision"), [(1, "32-true"), (4, "32-true"), (2, "bf16-mixed")])
+def test_callback_converts_a_plain_module_and_merges_on_optimizer_steps(accumulate, precision, tmp_path):
     torch.manual_seed(0)
     module = PlainModule()
-    strategy = CountingReLoRA(rank=4, merge_every=3, restart_warmup_steps=1)
-    _trainer([LowRankCallback(strategy, verbose=False)], max_steps=7, accumulate_grad_batches=accumulate,
-             max_epochs=-1).fit(module, _loader(64))
+    strategy = CountingReLoRA(rank=4, merge_every=3, restart_warmup_steps=1, reset="random_prune", reset_fraction=0.9)
+    logger = CSVLogger(tmp_path)
+    _trainer([LowRankCallback(strategy, verbose=False)], logger, max_steps=7, accumulate_grad_batches=accumulate,
+             max_epochs=-1, precision=precision).fit(module, _loader(64))
     assert isinstance(module.net.body[0], LoRALinear)
     assert strategy.steps_seen == [3, 6] and strategy.merges == 2
+    logger.save()
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        zeroed = [float(r["lowrank/optimizer_state_zeroed"]) for r in csv.DictReader(f)
+                  if r.get("lowrank/optimizer_state_zeroed")]
+    assert len(zeroed) == 2 and all(0.85 < z < 0.95 for z in zeroed)
 
 
 def test_optimizer_built_before_conversion_is_a_clear_error():

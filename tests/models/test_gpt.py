@@ -135,3 +135,8 @@ def test_loss_decreases_on_repeated_sequence():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_gpt2_small_preset_has_gpt2_parameter_count():
+    model = GPT(GPTConfig.from_size("gpt2-small", vocab_size=50257))
+    assert model.num_parameters(exclude_embeddings=False) == 124_439_808  # GPT-2 small, as nanoGPT counts it
