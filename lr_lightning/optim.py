@@ -16,6 +16,7 @@ from lr_lightning.layers.tensors import local_tensor
 
 ResetMode = Literal["full", "random_prune", "magnitude_prune"]
 RESET_MODES: tuple[str, ...] = ("full", "random_prune", "magnitude_prune")
+"""The policies a user chooses between; ``drop`` is internal, for parameters that never step again."""
 
 
 @dataclass
@@ -24,11 +25,12 @@ class StateReset:
 
     ``full`` zeroes every state tensor (moments and Adam's step count); ``random_prune`` zeroes a
     random ``fraction`` of the moment entries; ``magnitude_prune`` zeroes the entries whose
-    magnitude is below the ``fraction`` quantile (ReLoRA, Lialin et al. 2023).
+    magnitude is below the ``fraction`` quantile (ReLoRA, Lialin et al. 2023); ``drop`` frees the
+    state of parameters that will not be stepped again.
     """
 
     params: list[torch.Tensor]
-    mode: ResetMode = "full"
+    mode: ResetMode | Literal["drop"] = "full"
     fraction: float = 1.0
     seed: int = 0
 
@@ -40,6 +42,9 @@ def reset_state_(optimizer: Optimizer, reset: StateReset) -> tuple[int, int]:
     for param in reset.params:
         state = optimizer.state.get(param)
         if not state:
+            continue
+        if reset.mode == "drop":
+            del optimizer.state[param]
             continue
         for key, value in state.items():
             if not torch.is_tensor(value):

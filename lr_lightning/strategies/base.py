@@ -262,6 +262,9 @@ class LowRankStrategy:
         """Run the periodic operation; return the optimizer-state resets it calls for."""
         return []
 
+    def before_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """Edit gradients after backward and AMP unscaling, before clipping and optimizer step ``step + 1``."""
+
     def metrics(self, model: nn.Module) -> dict[str, float]:
         """Scalars worth logging after an update (ranks, counts)."""
         ranks = [layer.rank for _, layer in self.layers(model)]

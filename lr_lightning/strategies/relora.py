@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from lr_lightning.layers.lora import LoRALinear
@@ -18,8 +19,9 @@ class ReLoRA(LoRA):
     rate of every group re-warms linearly from 0 over ``restart_warmup_steps`` (a multiplier on the
     task's schedule, which gives ReLoRA's jagged cosine). With ``warm_start_steps > 0`` the model
     first trains full rank: ``W0`` trains beside the factors, the first merge folds ``B A`` in at
-    the end of the warm start, and from then on ``W0``'s learning rate is 0 (its ``requires_grad``
-    never flips, so DDP's buckets stay valid; its gradient is still computed).
+    the end of the warm start and drops ``W0``'s optimizer state, and from then on ``W0``'s
+    gradient is discarded before every step, so the optimizer skips it. Its ``requires_grad`` never
+    flips, so DDP's buckets stay valid; the gradient is still computed and reduced.
     SST's ReLoRA* is ``reset="full", warm_start_steps=0`` with ``merge_every`` equal to SST's interval.
 
     Args:
@@ -86,14 +88,24 @@ class ReLoRA(LoRA):
                 layer.merge_()
                 layer.reinit_(self.generator(index, draw=self.merges))
                 factors += [layer.lora_A, layer.lora_B]
-        return [StateReset(factors, self.reset, self.reset_fraction, seed=self.seed + self.merges)]
+        resets = [StateReset(factors, self.reset, self.reset_fraction, seed=self.seed + self.merges)]
+        if self.trains_base and step == self.warm_start_steps:
+            resets.append(StateReset(self._bases(model), "drop"))
+        return resets
+
+    def before_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """After the warm start, drop ``W0``'s gradient so the optimizer skips it (no step, no decay)."""
+        if self.trains_base and step >= self.warm_start_steps:
+            for weight in self._bases(model):
+                weight.grad = None
+
+    def _bases(self, model: nn.Module) -> list[torch.Tensor]:
+        return [layer.weight for _, layer in self.layers(model) if isinstance(layer, LoRALinear)]
 
     def lr_multiplier(self, step: int, role: str) -> float:
-        """0 for ``W0`` after the warm start; a linear ramp from 0 to 1 after each merge."""
+        """A linear ramp from 0 to 1 over ``restart_warmup_steps`` after each merge."""
         if step < self.warm_start_steps:
             return 1.0
-        if role == "base":
-            return 0.0
         first_merge = self.warm_start_steps or self.merge_every
         if step < first_merge or self.restart_warmup_steps == 0:
             return 1.0

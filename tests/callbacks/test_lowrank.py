@@ -64,6 +64,26 @@ def test_callback_converts_a_plain_module_and_merges_on_optimizer_steps(accumula
     assert len(zeroed) == 2 and all(0.85 < z < 0.95 for z in zeroed)
 
 
+class Snapshot(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step, self.weight = step, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and self.weight is None:
+            self.weight = pl_module.net.body[0].weight.detach().clone()
+
+
+def test_warm_start_freezes_w0_in_a_users_own_optimizer():
+    torch.manual_seed(0)
+    module = PlainModule()
+    initial = module.net.body[0].weight.detach().clone()
+    snapshot = Snapshot(step=2)
+    strategy = ReLoRA(rank=4, merge_every=3, restart_warmup_steps=1, warm_start_steps=2)
+    _trainer([LowRankCallback(strategy, verbose=False), snapshot], max_steps=4).fit(module, _loader())
+    assert not torch.equal(snapshot.weight, initial)  # trained (and merged) during the warm start
+    torch.testing.assert_close(module.net.body[0].weight, snapshot.weight, rtol=0, atol=0)  # frozen after
+
+
 def test_optimizer_built_before_conversion_is_a_clear_error():
     torch.manual_seed(0)
     with pytest.raises(RuntimeError, match="optimizer does not hold .* low-rank parameters"):

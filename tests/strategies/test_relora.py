@@ -86,14 +86,26 @@ def test_learning_rate_rewarms_after_each_merge():
         assert lrs[merge + 4] == pytest.approx(envelope[merge + 4])
 
 
-def test_warm_start_trains_w0_then_freezes_it_by_learning_rate():
-    strategy = ReLoRA(rank=4, merge_every=10, restart_warmup_steps=2, warm_start_steps=6)
-    model, _, _ = _trained(strategy, steps=0)
-    assert model.body[0].weight.requires_grad
-    groups = strategy.param_groups(model)
-    assert any(g["lowrank_role"] == "base" for g in groups)
-    assert strategy.lr_multiplier(5, "base") == 1.0 and strategy.lr_multiplier(6, "base") == 0.0
-    assert [s for s in range(40) if strategy.should_update(s)] == [6, 16, 26, 36]
+def test_warm_start_trains_w0_then_freezes_it():
+    strategy = ReLoRA(rank=4, merge_every=10, restart_warmup_steps=2, warm_start_steps=3)
+    model, optimizer, x = _trained(strategy, steps=0)
+    weight = model.body[0].weight
+    assert weight.requires_grad and any(g["lowrank_role"] == "base" for g in strategy.param_groups(model))
+    assert [s for s in range(40) if strategy.should_update(s)] == [3, 13, 23, 33]
+    y = torch.randint(0, 11, (8, 5))
+    snapshots = []
+    for step in range(6):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+        strategy.before_optimizer_step(model, step)
+        optimizer.step()
+        if strategy.should_update(step + 1):
+            for reset in strategy.update(model, step + 1):
+                reset_state_(optimizer, reset)
+        snapshots.append(weight.detach().clone())
+    assert not torch.equal(snapshots[0], snapshots[1])  # the warm start trains W0
+    assert weight not in optimizer.state  # its state is freed at the end of the warm start
+    assert torch.equal(snapshots[3], snapshots[5])  # and it never steps again
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
