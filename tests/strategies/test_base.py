@@ -119,3 +119,30 @@ def test_param_groups_exclude_frozen_and_undecay_biases(tiny_mlp):
     held = {id(p) for g in groups.values() for p in g["params"]}
     assert id(tiny_mlp.body[0].weight) not in held
     assert id(tiny_mlp.body[0].lora_A) in held and id(tiny_mlp.body[0].lora_B) in held
+
+
+class Projection(nn.Module):
+    """A non-Linear module with a 2-D weight, as other libraries define projections."""
+
+    def __init__(self, n: int, m: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(m, n))
+        self.bias = nn.Parameter(torch.randn(m))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def test_a_strategy_converts_the_module_types_it_declares():
+    class ProjectionLoRA(LoRA):
+        module_types = (nn.Linear, Projection)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Projection(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    x = torch.randn(3, 6)
+    before = model(x)
+    assert [n for n, _ in LoRA(rank=2).select(model)] == ["2"]
+    strategy = ProjectionLoRA(rank=2)
+    strategy.apply(model)
+    assert isinstance(model[0], LoRALinear) and isinstance(model[2], LoRALinear)
+    torch.testing.assert_close(model(x), before)
