@@ -104,8 +104,6 @@ class ReLoRA(LoRA):
 
     def lr_multiplier(self, step: int, role: str) -> float:
         """A linear ramp from 0 to 1 over ``restart_warmup_steps`` after each merge."""
-        if step < self.warm_start_steps:
-            return 1.0
         first_merge = self.warm_start_steps or self.merge_every
         if step < first_merge or self.restart_warmup_steps == 0:
             return 1.0
