@@ -54,7 +54,7 @@ def main() -> None:
     extra = [a for a in extra if a != "--"]
     results = [run(name, args.max_steps, args.out, extra) for name in args.only]
 
-    lines = ["| strategy | val loss | val ppl | trainable params | optimizer state | wall time |",
+    lines = ["| strategy | val loss | val ppl (per token) | trainable params | optimizer state | wall time |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['name']} | {r['val_loss']:.3f} | {torch.tensor(r['val_loss']).exp():.2f} | "
               f"{r['trainable']:,} / {r['total']:,} | {r['state']:,} | {r['seconds']:.0f} s |" for r in results]
