@@ -39,9 +39,11 @@ class RankMonitor(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        last = max((s for points in self.history.values() for s, _ in points), default=-1)
-        if step > last and step % self.every_n_steps == 0:
+        if step % self.every_n_steps == 0 and step > self._last_recorded_step():
             self.record(trainer, pl_module)
+
+    def _last_recorded_step(self) -> int:
+        return max((points[-1][0] for points in self.history.values() if points), default=-1)
 
     def record(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Store and log the current rank (and spectrum summary) of every factorized layer."""
