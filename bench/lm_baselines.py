@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from lr_lightning.cli import LowRankCLI  # noqa: E402
+from lr_lightning.cli import run_cli  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "lm"
 STRATEGIES = ("full_rank", "lora", "relora", "relora_star")
@@ -29,7 +29,7 @@ STRATEGIES = ("full_rank", "lora", "relora", "relora_star")
 def run(name: str, max_steps: int, out: Path, extra: list[str]) -> dict:
     """Fit one config; return its figures and validation curve."""
     start = time.perf_counter()
-    cli = LowRankCLI(auto_configure_optimizers=False, seed_everything_default=0, save_config_callback=None, args=[
+    cli = run_cli(save_config_callback=None, args=[
         "fit", "--config", str(CONFIGS / f"{name}.yaml"), "--trainer.max_steps", str(max_steps),
         "--trainer.val_check_interval", str(max(1, max_steps // 6)), "--trainer.check_val_every_n_epoch", "null",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false",

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -61,10 +62,16 @@ class LowRankCLI(LightningCLI):
             raise SystemExit(f"lr-lightning: error: {type(cause).__name__}: {cause}") from None
 
 
+def run_cli(args: list[str] | None = None, **kwargs: Any) -> LowRankCLI:
+    """Parse ``args`` and run the subcommand; tasks build their optimizer from the strategy's
+    groups, so ``--optimizer`` is off. ``kwargs`` override LightningCLI's other settings."""
+    settings = {"seed_everything_default": 0, "save_config_kwargs": {"overwrite": True}, **kwargs}
+    return LowRankCLI(auto_configure_optimizers=False, args=args, **settings)
+
+
 def main(args: list[str] | None = None) -> None:
-    """Run the CLI; tasks build their optimizer from the strategy's groups, so ``--optimizer`` is off."""
-    LowRankCLI(auto_configure_optimizers=False, seed_everything_default=0,
-               save_config_kwargs={"overwrite": True}, args=args)
+    """The ``lr-lightning`` console script."""
+    run_cli(args)
 
 
 if __name__ == "__main__":
