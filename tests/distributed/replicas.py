@@ -114,6 +114,8 @@ def main() -> None:
             "resume_max_abs_diff": diff, "second_half_moved": moved, "merges": merges,
             "step": resumed.trainer.global_step,
         }))
+    dist.barrier()
+    dist.destroy_process_group()  # a gloo group left to interpreter exit can abort the process (SIGABRT)
 
 
 if __name__ == "__main__":
