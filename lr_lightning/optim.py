@@ -7,7 +7,7 @@ FSDP2 hold references to the state tensors, and replacing them breaks those.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from torch.optim import Optimizer
@@ -17,6 +17,15 @@ from lr_lightning.layers.tensors import local_tensor
 ResetMode = Literal["full", "random_prune", "magnitude_prune"]
 RESET_MODES: tuple[str, ...] = ("full", "random_prune", "magnitude_prune")
 """The policies a user chooses between; ``drop`` is internal, for parameters that never step again."""
+
+
+@runtime_checkable
+class StateEdit(Protocol):
+    """An in-place edit of an optimizer's state that a strategy asks for after changing a basis."""
+
+    def apply_(self, optimizer: Optimizer) -> tuple[int, int]:
+        """Edit ``optimizer.state`` in place; return (moment entries changed, moment entries seen)."""
+        ...
 
 
 @dataclass
@@ -33,6 +42,9 @@ class StateReset:
     mode: ResetMode | Literal["drop"] = "full"
     fraction: float = 1.0
     seed: int = 0
+
+    def apply_(self, optimizer: Optimizer) -> tuple[int, int]:
+        return reset_state_(optimizer, self)
 
 
 def reset_state_(optimizer: Optimizer, reset: StateReset) -> tuple[int, int]:

@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from lr_lightning.optim import reset_state_
+from lr_lightning.optim import StateEdit
 from lr_lightning.strategies.base import LowRankStrategy
 
 CHECKPOINT_KEY = "lowrank_strategy"
@@ -24,9 +24,12 @@ class LowRankCallback(L.Callback):
     ``setup`` runs before ``configure_model``, the DDP/FSDP wrap and ``configure_optimizers``, so
     the optimizer sees the factorized parameters. The periodic operation fires in
     ``on_train_batch_end`` once per completed optimizer step (``trainer.global_step``), so gradient
-    accumulation and validation never shift it. The optimizer-state resets it returns are applied in
-    place (the fraction of state entries zeroed is logged, so a reset that resets nothing shows), and
-    the converted layers are broadcast from process 0 afterwards so replicas cannot drift.
+    accumulation and validation never shift it; ``strategy.after_optimizer_step`` (a projection)
+    runs there on every step first, ``strategy.update_at_epoch_end`` at each epoch's end and
+    ``strategy.before_optimizer_step`` (gradient edits) after AMP unscaling. The optimizer-state
+    edits these return are applied in place (the fraction of state entries changed is logged, so a
+    reset that resets nothing shows), and the converted layers are broadcast from process 0
+    afterwards so replicas cannot drift.
 
     Args:
         strategy: The low-rank method to apply.
@@ -52,7 +55,10 @@ class LowRankCallback(L.Callback):
         self._log(trainer, pl_module)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        self.strategy.before_optimizer_step(pl_module, trainer.global_step)
+        edits = self.strategy.before_optimizer_step(pl_module, trainer.global_step)
+        if edits:
+            apply_edits_([optimizer], edits)
+            broadcast_layers_(self.strategy.layers(pl_module))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -60,14 +66,18 @@ class LowRankCallback(L.Callback):
         if step <= self.last_step:
             return
         self.last_step = step
-        if not self.strategy.should_update(step):
-            return
-        resets = self.strategy.update(pl_module, step)
-        zeroed = seen = 0
-        for optimizer in trainer.optimizers:
-            for reset in resets:
-                z, s = reset_state_(optimizer, reset)
-                zeroed, seen = zeroed + z, seen + s
+        self.strategy.after_optimizer_step(pl_module, step)
+        if self.strategy.should_update(step):
+            self._run(trainer, pl_module, self.strategy.update(pl_module, step))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        edits = self.strategy.update_at_epoch_end(pl_module, trainer.current_epoch)
+        if edits:
+            self._run(trainer, pl_module, edits)
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, edits: list[StateEdit]) -> None:
+        """Apply an operation's optimizer-state edits, re-sync the layers from process 0, log."""
+        zeroed, seen = apply_edits_(trainer.optimizers, edits)
         broadcast_layers_(self.strategy.layers(pl_module))
         self._log(trainer, pl_module, {"lowrank/optimizer_state_zeroed": zeroed / seen} if seen else {})
 
@@ -102,6 +112,16 @@ class LowRankCallback(L.Callback):
                 "configure_optimizers from strategy.param_groups(self) (with LightningCLI, take an "
                 "`optimizer: OptimizerCallable` argument instead of --optimizer)."
             )
+
+
+def apply_edits_(optimizers: list[Any], edits: list[StateEdit]) -> tuple[int, int]:
+    """Apply every edit to every optimizer; return (state entries changed, state entries seen)."""
+    changed = seen = 0
+    for optimizer in optimizers:
+        for edit in edits:
+            c, s = edit.apply_(optimizer)
+            changed, seen = changed + c, seen + s
+    return changed, seen
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lr_lightning.layers.base import LowRankLayer
-from lr_lightning.optim import StateReset
+from lr_lightning.optim import StateEdit
 
 HEAD_NAMES = ("lm_head", "head", "output_projection", "classifier")
 """Leaf names treated as the output head, which ``target_modules=None`` leaves dense."""
@@ -258,12 +258,24 @@ class LowRankStrategy:
         """Whether the periodic operation runs once ``step`` optimizer steps have completed."""
         return False
 
-    def update(self, model: nn.Module, step: int) -> list[StateReset]:
-        """Run the periodic operation; return the optimizer-state resets it calls for."""
+    def update(self, model: nn.Module, step: int) -> list[StateEdit]:
+        """Run the periodic operation; return the optimizer-state edits (resets, transports) it calls for."""
         return []
 
-    def before_optimizer_step(self, model: nn.Module, step: int) -> None:
-        """Edit gradients after backward and AMP unscaling, before clipping and optimizer step ``step + 1``."""
+    def update_at_epoch_end(self, model: nn.Module, epoch: int) -> list[StateEdit]:
+        """Run an operation scheduled by epoch, once training epoch ``epoch`` (0-based) has ended."""
+        return []
+
+    def before_optimizer_step(self, model: nn.Module, step: int) -> list[StateEdit]:
+        """Edit gradients after backward and AMP unscaling, before clipping and optimizer step ``step + 1``.
+
+        Returns optimizer-state edits to apply before that step (for an operation that changes a basis
+        from the fresh gradients).
+        """
+        return []
+
+    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """Project the parameters after optimizer step ``step`` (runs every step, before ``update``)."""
 
     def metrics(self, model: nn.Module) -> dict[str, float]:
         """Scalars worth logging after an update (ranks, counts)."""

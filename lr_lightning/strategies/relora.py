@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lr_lightning.layers.lora import LoRALinear
-from lr_lightning.optim import RESET_MODES, ResetMode, StateReset
+from lr_lightning.optim import RESET_MODES, ResetMode, StateEdit, StateReset
 from lr_lightning.strategies.lora import LoRA
 
 
@@ -79,7 +79,7 @@ class ReLoRA(LoRA):
         since = step - self.warm_start_steps
         return since >= 0 and since % self.merge_every == 0 and step > 0
 
-    def update(self, model: nn.Module, step: int) -> list[StateReset]:
+    def update(self, model: nn.Module, step: int) -> list[StateEdit]:
         """Merge ``B A`` into ``W0`` and re-draw ``A`` in every layer; reset their optimizer state."""
         self.merges += 1
         factors = []
@@ -93,11 +93,12 @@ class ReLoRA(LoRA):
             resets.append(StateReset(self._bases(model), "drop"))
         return resets
 
-    def before_optimizer_step(self, model: nn.Module, step: int) -> None:
+    def before_optimizer_step(self, model: nn.Module, step: int) -> list[StateEdit]:
         """After the warm start, drop ``W0``'s gradient so the optimizer skips it (no step, no decay)."""
         if self.trains_base and step >= self.warm_start_steps:
             for weight in self._bases(model):
                 weight.grad = None
+        return []
 
     def _bases(self, model: nn.Module) -> list[torch.Tensor]:
         return [layer.weight for _, layer in self.layers(model) if isinstance(layer, LoRALinear)]

@@ -1,9 +1,10 @@
 """Run by tests/distributed/test_replicas.py in a subprocess (Lightning's DDP launcher re-runs argv).
 
-Trains a tiny LanguageModelingTask on 2 CPU processes (gloo) three ways: 2 * ``half`` steps straight,
-and ``half`` steps then a resume from the checkpoint to 2 * ``half``. Rank 0 writes a JSON summary
-(whether the replicas' weights agree, how far the resumed run is from the straight one) and the
-straight run's weights, which the test compares across backends.
+Trains a tiny LanguageModelingTask with the strategy given as ``--strategy '{"class_path": ...,
+"init_args": ...}'`` on 2 CPU processes (gloo) three ways: 2 * ``half`` steps straight, and ``half``
+steps then a resume from the checkpoint to 2 * ``half``. Rank 0 writes a JSON summary (whether the
+replicas' weights agree, how far the resumed run is from the straight one, the strategy's state and
+the layers' ranks) and the straight run's weights, which the tests compare across backends.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 from lr_lightning.layers.tensors import full_tensor
-from lr_lightning.strategies import FullRank, LoRA, ReLoRA
+from lr_lightning.strategies import strategy_from_config
 from lr_lightning.tasks import LanguageModelingTask
 
 VOCAB, BLOCK = 32, 16
@@ -38,10 +39,9 @@ def loader() -> DataLoader:
     return DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=4, shuffle=True)
 
 
-def task(method: str) -> LanguageModelingTask:
+def task(config: dict) -> LanguageModelingTask:
     L.seed_everything(0, verbose=False)
-    strategy = {"full": FullRank(), "lora": LoRA(rank=4, alpha=8.0),
-                "relora": ReLoRA(rank=4, alpha=8.0, merge_every=3, reset="full", restart_warmup_steps=1)}[method]
+    strategy = strategy_from_config(config)
     return LanguageModelingTask(strategy=strategy, vocab_size=VOCAB, block_size=BLOCK, n_layer=2, n_head=2,
                                 n_embd=32, warmup_steps=2,
                                 optimizer=lambda groups: torch.optim.AdamW(groups, lr=1e-2))
@@ -84,21 +84,21 @@ def replica_digests(state: dict[str, torch.Tensor]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backend", choices=["ddp", "fsdp2"], required=True)
-    parser.add_argument("--method", choices=["full", "lora", "relora"], required=True)
+    parser.add_argument("--strategy", type=json.loads, required=True, help="strategy.to_config() as JSON")
     parser.add_argument("--half", type=int, default=4)
     parser.add_argument("--workdir", type=Path, required=True)
     args = parser.parse_args()
 
-    straight = task(args.method)
+    straight = task(args.strategy)
     trainer(args.backend, 2 * args.half).fit(straight, loader())
     straight_state = full_state(straight)
     straight_digests = replica_digests(straight_state)
 
-    first = task(args.method)
+    first = task(args.strategy)
     trainer(args.backend, 2 * args.half, args.half, args.workdir / "ckpt").fit(first, loader())
     first_state = full_state(first)
     ckpt = next((args.workdir / "ckpt").glob("*.ckpt"))
-    resumed = task(args.method)
+    resumed = task(args.strategy)
     trainer(args.backend, 2 * args.half).fit(resumed, loader(), ckpt_path=str(ckpt))
     resumed_state = full_state(resumed)
     resumed_digests = replica_digests(resumed_state)
@@ -106,12 +106,13 @@ def main() -> None:
     if dist.get_rank() == 0:
         diff = max((straight_state[k].float() - resumed_state[k].float()).abs().max().item() for k in straight_state)
         moved = max((straight_state[k].float() - first_state[k].float()).abs().max().item() for k in straight_state)
-        merges = resumed.strategy.state_dict().get("merges")
+        ranks = [layer.rank for _, layer in resumed.strategy.layers(resumed)]
         torch.save(straight_state, args.workdir / "straight.pt")
         (args.workdir / "result.json").write_text(json.dumps({
             "straight_replicas_equal": len(set(straight_digests)) == 1,
             "resumed_replicas_equal": len(set(resumed_digests)) == 1,
-            "resume_max_abs_diff": diff, "second_half_moved": moved, "merges": merges,
+            "resume_max_abs_diff": diff, "second_half_moved": moved,
+            "strategy_state": resumed.strategy.state_dict(), "ranks": ranks,
             "step": resumed.trainer.global_step,
         }))
     dist.barrier()
