@@ -1,14 +1,10 @@
 """2-process CPU (gloo) runs of every foundation strategy under DDP and FSDP2 (ModelParallelStrategy)."""
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).with_name("replicas.py")
 STRATEGIES = {
     "full": {"class_path": "lr_lightning.strategies.FullRank"},
     "lora": {"class_path": "lr_lightning.strategies.LoRA", "init_args": {"rank": 4, "alpha": 8.0}},
@@ -18,17 +14,8 @@ STRATEGIES = {
 RUNS = [(backend, method) for method in STRATEGIES for backend in ("ddp", "fsdp2")]
 
 
-def run_replicas(backend: str, config: dict, workdir: Path, half: int = 4) -> dict:
-    """Run replicas.py on 2 processes and return its JSON summary."""
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--backend", backend, "--strategy", json.dumps(config),
-                           "--half", str(half), "--workdir", str(workdir)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads((workdir / "result.json").read_text())
-
-
 @pytest.fixture(scope="module")
-def results(tmp_path_factory) -> dict[tuple[str, str], tuple[dict, Path]]:
+def results(tmp_path_factory, run_replicas) -> dict[tuple[str, str], tuple[dict, Path]]:
     out = {}
     for backend, method in RUNS:
         workdir = tmp_path_factory.mktemp(f"{backend}-{method}")
