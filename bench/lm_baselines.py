@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from lr_lightning.cli import run_cli  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "lm"
-STRATEGIES = ("full_rank", "lora", "relora", "relora_star")
+STRATEGIES = ("full_rank", "lora", "relora", "relora_star", "sst")
 
 
 def run(name: str, max_steps: int, out: Path, extra: list[str]) -> dict:

@@ -1,6 +1,8 @@
 """Factorized ``nn.Module`` layers (pure torch)."""
 
 from lr_lightning.layers.base import LowRankLayer
+from lr_lightning.layers.incremental import IncrementalLinear
 from lr_lightning.layers.lora import LoRALinear
+from lr_lightning.layers.spectral import SpectralLinear
 
-__all__ = ["LowRankLayer", "LoRALinear"]
+__all__ = ["LowRankLayer", "LoRALinear", "SpectralLinear", "IncrementalLinear"]

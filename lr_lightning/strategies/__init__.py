@@ -2,7 +2,10 @@
 
 from lr_lightning.strategies.base import LayerRow, LowRankStrategy, StrategyReport, strategy_from_config
 from lr_lightning.strategies.full_rank import FullRank
+from lr_lightning.strategies.inrank import InRank
 from lr_lightning.strategies.lora import LoRA
 from lr_lightning.strategies.relora import ReLoRA
+from lr_lightning.strategies.sst import SST
 
-__all__ = ["LowRankStrategy", "LayerRow", "StrategyReport", "strategy_from_config", "FullRank", "LoRA", "ReLoRA"]
+__all__ = ["LowRankStrategy", "LayerRow", "StrategyReport", "strategy_from_config", "FullRank", "LoRA", "ReLoRA", "SST",
+           "InRank"]

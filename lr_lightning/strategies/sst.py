@@ -1,0 +1,110 @@
+"""Sparse Spectral Training, SST (Zhao et al., ICML 2025; arXiv 2405.15481)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lr_lightning.layers.spectral import SpectralLinear
+from lr_lightning.optim import StateEdit, StateReset
+from lr_lightning.strategies.base import LowRankStrategy, check_rank_argument, resolve_rank
+
+
+class SST(LowRankStrategy):
+    """``W = U diag(s) V^T`` from the SVD of the dense init; all of ``s`` and ``r`` sampled pairs train each step.
+
+    After every optimizer step ``s <- max(s, 0)`` and the active ``u_i, v_i`` are renormalised (the
+    magnitude lives in ``s``). Every ``iteration_interval`` steps a new set of ``r`` pairs is drawn
+    from ``p_i = uniform_mix / m' + (1 - uniform_mix) s_i / sum_j s_j`` without replacement; the
+    optimizer state of the active vectors is reset in place and their learning rate re-warms
+    linearly over ``restart_warmup_steps``. At the end of each round of ``round_length`` draws the
+    layer is re-factored, ``[U, s, V] <- SVD(U diag(s) V^T)`` (sign-fixed, so every process computes
+    the same factors), and the moments of ``s`` are reset because its entries are re-sorted.
+    Draws use generators seeded by (seed, layer, draw), so they are identical on every process.
+
+    Args:
+        rank: Active singular-vector pairs ``r``, as an int or a float fraction of ``min(m, n)``.
+        iteration_interval: Optimizer steps between two draws of the active set (``T3``).
+        round_length: Draws per round, i.e. between two re-SVDs (``T2``); ``None`` takes
+            ``ceil(min(m, n) / r)`` per layer, so a round can visit every vector on average.
+        uniform_mix: Weight of the uniform part of the sampling distribution: 0.5 is the ICML'25
+            version, 0.0 the arXiv v1 ``p_i ∝ s_i``.
+        restart_warmup_steps: Length of the linear LR re-warmup of ``U, V`` after each draw.
+        enhanced_gradient: Drop the ``s_i`` factor from the gradients of ``u_i, v_i`` (the paper's
+            enhanced gradient); ``False`` gives the plain gradient of ``U diag(s) V^T``.
+        seed: Seed of the sampling generators.
+        target_modules: See :class:`LowRankStrategy`.
+        exclude_modules: See :class:`LowRankStrategy`.
+    """
+
+    def __init__(
+        self,
+        rank: int | float = 0.125,
+        iteration_interval: int = 200,
+        round_length: int | None = None,
+        uniform_mix: float = 0.5,
+        restart_warmup_steps: int = 50,
+        enhanced_gradient: bool = True,
+        seed: int = 0,
+        target_modules: list[str] | None = None,
+        exclude_modules: list[str] | None = None,
+    ) -> None:
+        super().__init__(target_modules, exclude_modules)
+        check_rank_argument(rank)
+        if iteration_interval < 1:
+            raise ValueError(f"iteration_interval must be >= 1, got {iteration_interval}")
+        if round_length is not None and round_length < 1:
+            raise ValueError(f"round_length must be >= 1 or None (ceil(min(m, n) / r)), got {round_length}")
+        if not 0 <= uniform_mix <= 1:
+            raise ValueError(f"uniform_mix must be in [0, 1], got {uniform_mix}")
+        if not 0 <= restart_warmup_steps < iteration_interval:
+            raise ValueError(f"restart_warmup_steps must be in [0, iteration_interval={iteration_interval}), "
+                             f"got {restart_warmup_steps}")
+        self.rank, self.iteration_interval, self.round_length = rank, iteration_interval, round_length
+        self.uniform_mix, self.restart_warmup_steps = uniform_mix, restart_warmup_steps
+        self.enhanced_gradient, self.seed = enhanced_gradient, seed
+
+    def generator(self, index: int, draw: int) -> torch.Generator:
+        """The CPU generator of layer ``index``'s ``draw``-th active set."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + draw * 10_007 + index)
+
+    def convert(self, name: str, module: nn.Module, index: int) -> SpectralLinear:
+        m, n = module.weight.shape
+        layer = SpectralLinear.from_linear(module, resolve_rank(self.rank, m, n, name), self.enhanced_gradient)
+        layer.select_(layer.sample(self.generator(index, 0), self.uniform_mix))
+        return layer
+
+    def rounds_of(self, layer: SpectralLinear) -> int:
+        """Draws per round of ``layer``."""
+        return self.round_length or math.ceil(layer.capacity / layer.rank)
+
+    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """Projected step: clamp ``s`` at 0 and renormalise the active singular vectors."""
+        for _, layer in self.layers(model):
+            if isinstance(layer, SpectralLinear):
+                layer.project_()
+
+    def should_update(self, step: int) -> bool:
+        return step > 0 and step % self.iteration_interval == 0
+
+    def update(self, model: nn.Module, step: int) -> list[StateEdit]:
+        """End of an iteration: re-SVD the layers whose round ends, then draw every layer's new active set."""
+        draw = step // self.iteration_interval
+        active, spectra = [], []
+        for index, (_, layer) in enumerate(self.layers(model)):
+            if not isinstance(layer, SpectralLinear):
+                continue
+            if draw % self.rounds_of(layer) == 0:
+                layer.resvd_()
+                spectra.append(layer.s)
+            layer.select_(layer.sample(self.generator(index, draw), self.uniform_mix))
+            active += [layer.U_active, layer.V_active]
+        return [StateReset(active, "full"), StateReset(spectra, "full")]
+
+    def lr_multiplier(self, step: int, role: str) -> float:
+        """A linear ramp from 0 to 1 over ``restart_warmup_steps`` for ``U, V`` after each draw."""
+        if role != "basis" or step < self.iteration_interval or self.restart_warmup_steps == 0:
+            return 1.0
+        return min(1.0, (step % self.iteration_interval) / self.restart_warmup_steps)
