@@ -30,7 +30,7 @@ from lr_lightning.optim import StateEdit
 HEAD_NAMES = ("lm_head", "head", "output_projection", "classifier")
 """Leaf names treated as the output head, which ``target_modules=None`` leaves dense."""
 
-DECAY_ROLES = frozenset({"dense", "factor", "base"})
+DECAY_ROLES = frozenset({"dense", "factor", "base", "core"})
 """Parameter roles that receive weight decay; the rest (bias, frozen, basis, spectrum) get none."""
 
 
@@ -209,7 +209,7 @@ class LowRankStrategy:
                 rows.append(LayerRow(name, (module.out_features, module.in_features), module.rank,
                                      module.capacity, module.trainable_numel(), module.dense_numel()))
             else:
-                m, n = module.weight.shape
+                m, n = module.weight.shape[0], module.weight[0].numel()
                 bias = getattr(module, "bias", None)
                 dense = m * n + (bias.numel() if bias is not None else 0)
                 trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -248,6 +248,11 @@ class LowRankStrategy:
                 group["weight_decay"] = weight_decay
             result.append(group)
         return result
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
+        """The optimizer a task should step: ``optimizer`` itself unless the method needs several passes
+        per step (TDLRT's faithful integrator wraps it)."""
+        return optimizer
 
     def lr_multiplier(self, step: int, role: str) -> float:
         """Factor on the learning rate of the ``role`` group after ``step`` optimizer steps."""

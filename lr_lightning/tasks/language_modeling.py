@@ -134,7 +134,7 @@ class LanguageModelingTask(L.LightningModule):
         self.log("test/ppl", self.test_ppl)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(self.strategy.param_groups(self))
+        optimizer = self.strategy.wrap_optimizer(self.optimizer_factory(self.strategy.param_groups(self)), self)
         base = partial(warmup_cosine, warmup_steps=self.hparams.warmup_steps,
                        total_steps=int(self.trainer.estimated_stepping_batches),
                        min_lr_ratio=self.hparams.min_lr_ratio)

@@ -1,0 +1,310 @@
+"""TDLRT (Zangrando et al., NeurIPS 2024, arXiv 2305.19059) and its matrix case DLRT (Schotthoefer et al., 2022).
+
+Every Linear and Conv2d becomes a Tucker layer ``W = C x_i U_i`` with orthonormal bases, trained by
+the rank-adaptive augmented BUG integrator: basis update (K-step), augmentation
+``U_i <- orth([K_i^1 | U_i])``, a Galerkin step on the augmented core, and a truncation of the core
+by HOSVD with relative tolerance ``tau``. Two variants:
+
+- ``cheap`` (default, the single-pass variant of the authors' later code): every ``augment_every``
+  optimizer steps the bases are augmented with their own gradients, ``orth([U_i | -dL/dU_i])``,
+  and that step skips the factorized layers; the steps in between train only the cores; the core
+  is truncated right before the next augmentation. One forward/backward per batch.
+- ``faithful``: every optimizer step is a whole integrator step (two forward/backward passes). It
+  needs the optimizer wrapped by :meth:`TDLRT.wrap_optimizer`, which returns a :class:`BUGOptimizer`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from lr_lightning.layers.tensors import full_tensor
+from lr_lightning.layers.tucker import TuckerChange, TuckerConv2d, TuckerLayer, TuckerLinear
+from lr_lightning.optim import StateEdit, StateReset
+from lr_lightning.optim_transport import CoreMomentTransport
+from lr_lightning.strategies.base import LowRankStrategy, check_rank_argument
+
+Variant = Literal["cheap", "faithful"]
+VARIANTS: tuple[str, ...] = ("cheap", "faithful")
+MomentPolicy = Literal["transport", "reset"]
+MOMENT_POLICIES: tuple[str, ...] = ("transport", "reset")
+
+
+def mode_rank(rank: int | float, bound: int) -> int:
+    """An int rank clipped to ``bound``, or a float fraction of ``bound`` rounded (at least 1)."""
+    return min(rank, bound) if isinstance(rank, int) else max(1, min(bound, round(rank * bound)))
+
+
+@dataclass
+class StateInit:
+    """Create the optimizer state of ``params`` by one zero-gradient step at learning rate 0; no parameter moves.
+
+    For parameters that never step (the cheap variant's bases): FSDP2's distributed checkpoint
+    initializes a state for every parameter of a fresh optimizer before loading, so a checkpoint
+    without one for them cannot be resumed.
+    """
+
+    params: list[torch.Tensor]
+
+    def apply_(self, optimizer: Optimizer) -> tuple[int, int]:
+        """Initialize the missing states in place; return (0, 0) (no existing entry is changed)."""
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [p for p in self.params if id(p) in held and not optimizer.state.get(p)]
+        if not missing:
+            return 0, 0
+        everything = [p for group in optimizer.param_groups for p in group["params"]]
+        grads, lrs = [p.grad for p in everything], [group["lr"] for group in optimizer.param_groups]
+        for p in everything:
+            p.grad = None
+        for p in missing:
+            p.grad = torch.zeros_like(p)
+        for group in optimizer.param_groups:
+            group["lr"] = torch.zeros_like(group["lr"]) if torch.is_tensor(group["lr"]) else 0.0
+        try:
+            optimizer.step()
+        finally:
+            for group, lr in zip(optimizer.param_groups, lrs):
+                group["lr"] = lr
+            for p, grad in zip(everything, grads):
+                p.grad = grad
+        return 0, 0
+
+
+class TDLRT(LowRankStrategy):
+    """Geometry-aware rank-adaptive training of Linear (matrix) and Conv2d (Tucker) layers.
+
+    Ranks start at ``init_rank`` and adapt within ``[min_rank, max_rank]``; factors are
+    preallocated at ``min(2 * max_rank, n_i)`` per mode. Ranks given as a float are a fraction of
+    each mode's largest possible rank (``min(m, n)`` for a Linear; ``min(C_out, C_in k^2)`` and
+    ``min(C_in, C_out k^2)`` for the channel modes of a Conv2d); ints are clipped to it. Bases get
+    no weight decay; the core gets the optimizer's decay, which with orthonormal bases is exactly
+    the dense decay ``-lambda W`` seen in core coordinates (``||W||_F = ||C||_F``).
+
+    Args:
+        tau: Relative truncation tolerance: keep the smallest rank whose discarded singular values
+            of each core unfolding have norm below ``tau`` times the norm of all of them.
+        init_rank: Initial rank of every adaptive mode (int, or float fraction).
+        max_rank: Largest rank truncation keeps (int, or float fraction); DLRT uses ``min(m, n) / 2``.
+        min_rank: Smallest rank truncation keeps (2 in DLRT).
+        variant: ``cheap`` (one pass per batch, augment every ``augment_every`` steps) or
+            ``faithful`` (two passes per step; wrap the optimizer with :meth:`wrap_optimizer`).
+        augment_every: Cheap variant: optimizer steps per augment-train-truncate cycle (>= 2).
+        moments: Optimizer-state policy for the core at augmentation and truncation: ``transport``
+            (``m <- m x_i A_i``, ``v <- (sqrt(v) x_i A_i)^2``) or ``reset`` (zero the core's state).
+        spatial_rank: Conv2d only: ``None`` keeps the kernel's spatial modes unfactored (the
+            reference code's choice); an int factors them too, starting at that rank, adaptive.
+        target_modules: See :class:`LowRankStrategy`.
+        exclude_modules: See :class:`LowRankStrategy`.
+    """
+
+    module_types = (nn.Linear, nn.Conv2d)
+
+    def __init__(
+        self,
+        tau: float = 0.1,
+        init_rank: int | float = 0.5,
+        max_rank: int | float = 0.5,
+        min_rank: int = 2,
+        variant: Variant = "cheap",
+        augment_every: int = 10,
+        moments: MomentPolicy = "transport",
+        spatial_rank: int | None = None,
+        target_modules: list[str] | None = None,
+        exclude_modules: list[str] | None = None,
+    ) -> None:
+        super().__init__(target_modules, exclude_modules)
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 <= tau < 1:
+            raise ValueError(f"tau must be a relative tolerance in [0, 1), got {tau!r}")
+        check_rank_argument(init_rank, "init_rank")
+        check_rank_argument(max_rank, "max_rank")
+        if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
+            raise ValueError(f"min_rank must be an int >= 1, got {min_rank!r}")
+        if type(init_rank) is type(max_rank) and init_rank > max_rank:
+            raise ValueError(f"init_rank must be <= max_rank, got init_rank={init_rank}, max_rank={max_rank}")
+        if isinstance(max_rank, int) and min_rank > max_rank:
+            raise ValueError(f"min_rank must be <= max_rank, got min_rank={min_rank}, max_rank={max_rank}")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if isinstance(augment_every, bool) or not isinstance(augment_every, int) or augment_every < 2:
+            raise ValueError(f"augment_every must be an int >= 2 (one augmentation step, then core steps), "
+                             f"got {augment_every!r}")
+        if moments not in MOMENT_POLICIES:
+            raise ValueError(f"moments must be one of {MOMENT_POLICIES}, got {moments!r}")
+        if spatial_rank is not None and (isinstance(spatial_rank, bool) or not isinstance(spatial_rank, int)
+                                         or spatial_rank < 1):
+            raise ValueError(f"spatial_rank must be None (unfactored spatial modes) or an int >= 1, "
+                             f"got {spatial_rank!r}")
+        self.tau, self.init_rank, self.max_rank, self.min_rank = float(tau), init_rank, max_rank, min_rank
+        self.variant, self.augment_every, self.moments = variant, augment_every, moments
+        self.spatial_rank = spatial_rank
+        self.integrating = False
+
+    # ----------------------------------------------------------------------------- conversion
+    def handles(self, module: nn.Module) -> bool:
+        """Linear layers with a 2-D weight, and Conv2d with ``groups=1`` and zeros padding."""
+        if isinstance(module, nn.Conv2d):
+            return module.groups == 1 and module.padding_mode == "zeros"
+        return super().handles(module)
+
+    def convert(self, name: str, module: nn.Module, index: int) -> nn.Module:
+        if isinstance(module, nn.Conv2d):
+            c_out, c_in, k_h, k_w = module.weight.shape
+            bounds = (min(c_out, c_in * k_h * k_w), min(c_in, c_out * k_h * k_w))
+            max_ranks = tuple(mode_rank(self.max_rank, b) for b in bounds)
+            ranks = tuple(min(mode_rank(self.init_rank, b), m) for b, m in zip(bounds, max_ranks))
+            spatial = None if self.spatial_rank is None else (min(self.spatial_rank, k_h), min(self.spatial_rank, k_w))
+            return TuckerConv2d.from_conv2d(module, ranks, max_ranks, spatial)
+        bound = min(module.weight.shape)
+        max_rank = mode_rank(self.max_rank, bound)
+        return TuckerLinear.from_linear(module, min(mode_rank(self.init_rank, bound), max_rank), max_rank)
+
+    def tucker_layers(self, model: nn.Module) -> list[tuple[str, TuckerLayer]]:
+        """The converted layers of ``model``."""
+        return [(n, m) for n, m in self.layers(model) if isinstance(m, TuckerLayer)]
+
+    # ----------------------------------------------------------------------------- integrator steps
+    def augment(self, model: nn.Module) -> list[StateEdit]:
+        """``U_i <- orth([U_i | -dL/dU_i])`` in every layer from the current basis gradients (the cheap
+        variant's basis update); the core is padded with zeros, so the function is unchanged.
+        """
+        edits = []
+        for _, layer in self.tucker_layers(model):
+            directions = []
+            for mode, rank in enumerate(layer.ranks):
+                basis = layer.basis(mode)
+                directions.append(None if basis is None or basis.grad is None else -full_tensor(basis.grad)[:, :rank])
+            edits.append(self.moment_edit(layer, layer.augment_(directions)))
+        return edits
+
+    def truncate(self, model: nn.Module) -> list[StateEdit]:
+        """Truncate every layer's core by HOSVD with tolerance ``tau``, ranks in ``[min_rank, max_rank]``."""
+        return [self.moment_edit(layer, layer.truncate_(self.tau, self.min_rank))
+                for _, layer in self.tucker_layers(model)]
+
+    def moment_edit(self, layer: TuckerLayer, change: TuckerChange) -> StateEdit:
+        """The optimizer-state edit of ``layer``'s core after ``change`` (``moments`` policy)."""
+        if self.moments == "reset":
+            return StateReset([layer.core], "full")
+        return CoreMomentTransport(layer.core, change.maps, change.old_ranks, change.new_ranks)
+
+    # ----------------------------------------------------------------------------- schedule (cheap variant)
+    def is_augment_step(self, step: int) -> bool:
+        """Whether optimizer step ``step + 1`` is an augmentation (cheap variant)."""
+        return self.variant == "cheap" and step % self.augment_every == 0
+
+    def before_optimizer_step(self, model: nn.Module, step: int) -> list[StateEdit]:
+        """Cheap variant: augment on augmentation steps and keep the factorized layers from stepping
+        then; on the other steps only the cores step. The bases never get an optimizer step (their
+        gradient is dropped), so they stay orthonormal whatever the optimizer or weight decay; a
+        :class:`StateInit` still gives them an (unused) optimizer state, which FSDP2 checkpoints need.
+        The rest of the model steps every time: augmentation keeps the function, so its gradients stay valid.
+        """
+        if self.variant == "faithful":
+            if not self.integrating:
+                raise RuntimeError("TDLRT(variant='faithful') needs the optimizer wrapped: return "
+                                   "strategy.wrap_optimizer(optimizer, self) from configure_optimizers")
+            return []
+        augmenting = self.is_augment_step(step)
+        bases = [basis for _, layer in self.tucker_layers(model) for basis in layer.basis_parameters()]
+        edits = [StateInit(bases), *self.augment(model)] if augmenting else []
+        for _, layer in self.tucker_layers(model):
+            for basis in layer.basis_parameters():
+                basis.grad = None
+            if augmenting:
+                layer.core.grad = None
+        return edits
+
+    def should_update(self, step: int) -> bool:
+        """Cheap variant: truncate once every ``augment_every`` steps, right before the next augmentation."""
+        return self.variant == "cheap" and step > 0 and step % self.augment_every == 0
+
+    def update(self, model: nn.Module, step: int) -> list[StateEdit]:
+        return self.truncate(model)
+
+    def wrap_optimizer(self, optimizer: Optimizer, model: nn.Module) -> Optimizer:
+        """The faithful variant's :class:`BUGOptimizer` around ``optimizer``; ``optimizer`` itself for ``cheap``."""
+        return BUGOptimizer(optimizer, self, model) if self.variant == "faithful" else optimizer
+
+    # ----------------------------------------------------------------------------- reporting
+    def compression(self, model: nn.Module) -> float:
+        """``1 - trainable / dense`` parameters of the targeted layers at their current ranks."""
+        return 1.0 - self.report(model).ratio
+
+    def metrics(self, model: nn.Module) -> dict[str, float]:
+        return {**super().metrics(model), "tdlrt/compression": self.compression(model)}
+
+
+class BUGOptimizer(Optimizer):
+    """Each ``step(closure)`` is one step of the rank-adaptive augmented BUG integrator for ``strategy``'s layers.
+
+    1. K-step: every basis holds ``K_i = U_i S_i``; ``closure()`` gives all ``dL/dK_i`` in one
+       pass and ``optimizer`` steps only the ``K_i``.
+    2. Augment: ``U_i <- orth([U_i | K_i^1])``, ``C <- C x_i (U_i_new^T U_i)``; core moments transported or reset.
+    3. Galerkin step: ``closure()`` again; ``optimizer`` steps the cores and every other parameter.
+    4. Truncate: HOSVD of the cores with tolerance ``tau``; core moments transported or reset.
+
+    DLRT trains this integrator with SGD. With Adam, prefer ``moments="reset"``: truncation rotates
+    the core every step, and the square-root transport of ``v`` can then cancel to ~0 under a
+    non-zero ``m``. ``optimizer`` keeps its parameter groups and state (they are shared, so LR
+    schedulers and checkpoints work on either object). The closure must zero the gradients and run
+    backward, as Lightning's automatic optimization does (with ``accumulate_grad_batches=1``); a
+    closure-less step (fp16 ``GradScaler``) is an error.
+    """
+
+    def __init__(self, optimizer: Optimizer, strategy: TDLRT, model: nn.Module) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.optimizer, self.strategy, self.model = optimizer, strategy, model
+        super().__init__(optimizer.param_groups, optimizer.defaults)
+        self.state = optimizer.state
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        if closure is None:
+            raise RuntimeError("BUGOptimizer.step needs a closure (it evaluates the loss twice per step); "
+                               "fp16 mixed precision steps without one: use precision '32-true' or 'bf16-mixed'")
+        layers = [layer for _, layer in self.strategy.tucker_layers(self.model)]
+        bases = {id(p) for layer in layers for p in layer.basis_parameters()}
+        self.strategy.integrating = True
+        try:
+            for layer in layers:
+                layer.begin_k_step_()
+            try:
+                with torch.enable_grad():
+                    loss = closure()
+                self._step_only(lambda p: id(p) in bases)
+            finally:
+                stepped = [layer.end_k_step_() for layer in layers]
+            self._apply([self.strategy.moment_edit(layer, layer.augment_(k)) for layer, k in zip(layers, stepped)])
+            with torch.enable_grad():
+                closure()
+            self._step_only(lambda p: id(p) not in bases)
+            self._apply(self.strategy.truncate(self.model))
+        finally:
+            self.strategy.integrating = False
+        return loss
+
+    def _step_only(self, keep: Callable[[torch.Tensor], bool]) -> None:
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if not keep(p):
+                    p.grad = None
+        self.optimizer.step()
+
+    def _apply(self, edits: list[StateEdit]) -> None:
+        for edit in edits:
+            edit.apply_(self.optimizer)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict)
+        self.param_groups, self.state = self.optimizer.param_groups, self.optimizer.state

@@ -1,0 +1,352 @@
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lr_lightning.callbacks import LowRankCallback
+from lr_lightning.layers.tucker import TuckerConv2d, TuckerLinear, truncation_rank, tucker_to_tensor
+from lr_lightning.optim import StateReset
+from lr_lightning.optim_transport import CoreMomentTransport
+from lr_lightning.strategies.base import strategy_from_config
+from lr_lightning.strategies.tdlrt import BUGOptimizer, TDLRT
+
+
+def low_rank_teacher(sigma: list[float], n: int = 24, seed: int = 0) -> torch.Tensor:
+    """``T = A diag(sigma) B^T`` with random orthonormal ``A``, ``B`` (``n x k``)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.linalg.qr(torch.randn(n, len(sigma), generator=g))[0]
+    b = torch.linalg.qr(torch.randn(n, len(sigma), generator=g))[0]
+    return a @ torch.diag(torch.tensor(sigma)) @ b.T
+
+
+def tucker_teacher(ranks: tuple[int, int, int, int], shape=(12, 10, 3, 3), seed: int = 0) -> torch.Tensor:
+    """A ``C_out x C_in x 3 x 3`` kernel of exact Tucker ranks ``ranks``."""
+    g = torch.Generator().manual_seed(seed)
+    core = torch.randn(ranks, generator=g)
+    bases = [torch.linalg.qr(torch.randn(n, r, generator=g))[0] for n, r in zip(shape, ranks)]
+    return tucker_to_tensor(core, bases)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convolutions are dominated by thread start-up on a busy 2-core machine: run them on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train(model: nn.Module, strategy: TDLRT, batch, steps: int, lr: float = 1e-2, optimizer=None):
+    """The callback's schedule in a plain loop: ``before_optimizer_step``, step, then ``update`` if due."""
+    optimizer = optimizer or torch.optim.Adam(strategy.param_groups(model), lr=lr)
+    g = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        x, y = batch(g)
+        loss = (model(x) - y).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        for edit in strategy.before_optimizer_step(model, step):
+            edit.apply_(optimizer)
+        optimizer.step()
+        if strategy.should_update(step + 1):
+            for edit in strategy.update(model, step + 1):
+                edit.apply_(optimizer)
+    return optimizer, loss.item()
+
+
+def matrix_problem(teacher: torch.Tensor, strategy: TDLRT, steps: int = 150):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 24, bias=False))
+    strategy.apply(model)
+
+    def batch(g):
+        x = torch.randn(64, 24, generator=g)
+        return x, x @ teacher.T
+
+    _, loss = train(model, strategy, batch, steps)
+    return model, loss
+
+
+def orthonormality_error(layer) -> float:
+    bases = [layer.basis(m).detach()[:, :r] for m, r in enumerate(layer.ranks) if layer.factored[m]]
+    return max((u.T @ u - torch.eye(u.shape[1])).abs().max().item() for u in bases)
+
+
+class Regression(L.LightningModule):
+    """A user's module that knows nothing of TDLRT (``optimizer_wrapper`` shows the faithful opt-in)."""
+
+    def __init__(self, optimizer_wrapper=None, sgd: bool = False) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(24, 24, bias=False))
+        self.optimizer_wrapper, self.sgd = optimizer_wrapper, sgd
+        self.training_steps = 0
+
+    def training_step(self, batch, batch_idx):
+        self.training_steps += 1
+        x, y = batch
+        loss = (self.net(x) - y).square().mean()
+        self.log("loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        if self.sgd:
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.2)
+        else:
+            optimizer = torch.optim.Adam(self.parameters(), lr=1e-2)
+        return self.optimizer_wrapper(optimizer, self) if self.optimizer_wrapper else optimizer
+
+
+def regression_loader(teacher: torch.Tensor) -> DataLoader:
+    x = torch.randn(640, 24, generator=torch.Generator().manual_seed(1))
+    return DataLoader(TensorDataset(x, x @ teacher.T), batch_size=64, shuffle=True)
+
+
+def fit(module: L.LightningModule, strategy: TDLRT, loader: DataLoader, steps: int) -> L.Trainer:
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[LowRankCallback(strategy, verbose=False)])
+    trainer.fit(module, loader)
+    return trainer
+
+
+def test_ranks_adapt_to_a_rank_3_teacher_through_the_trainer_and_callback():
+    torch.manual_seed(0)
+    teacher = low_rank_teacher([3.0, 2.0, 1.5])
+    strategy = TDLRT(tau=0.1, init_rank=8, max_rank=12, augment_every=10)
+    module = Regression()
+    trainer = fit(module, strategy, regression_loader(teacher), steps=150)
+    layer = module.net[0]
+    assert isinstance(layer, TuckerLinear) and layer.capacities == (24, 24)
+    assert layer.ranks == (3, 3)  # started at 8, grew to 16 at augmentations, truncated to the teacher's rank
+    assert trainer.callback_metrics["loss"] < 1e-2
+    assert orthonormality_error(layer) < 1e-5
+    torch.testing.assert_close(layer.dense_weight(), teacher, atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize(("spatial_rank", "expected"), [(None, (3, 2, 3, 3)), (3, (3, 2, 2, 2))])
+def test_ranks_adapt_to_a_tucker_teacher_kernel(spatial_rank, expected):
+    teacher = tucker_teacher((3, 2, 2, 2))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(10, 12, 3, padding=1, bias=False))
+    strategy = TDLRT(tau=0.1, init_rank=6, max_rank=6, augment_every=10, spatial_rank=spatial_rank)
+    strategy.apply(model)
+
+    def batch(g):
+        x = torch.randn(8, 10, 6, 6, generator=g)
+        return x, F.conv2d(x, teacher, padding=1)
+
+    train(model, strategy, batch, steps=150)
+    layer = model[0]
+    assert isinstance(layer, TuckerConv2d) and layer.ranks == expected  # from (6, 6, 3, 3)
+    assert orthonormality_error(layer) < 1e-5
+
+
+def test_larger_tau_gives_smaller_ranks_and_higher_compression():
+    sigma = [4.0, 2.0, 1.0, 0.5, 0.25, 0.125]
+    teacher = low_rank_teacher(sigma)
+    taus = [0.04, 0.1, 0.2, 0.4]
+    ranks, compressions = [], []
+    for tau in taus:
+        strategy = TDLRT(tau=tau, init_rank=8, max_rank=12, min_rank=1, augment_every=10)
+        model, _ = matrix_problem(teacher, strategy)
+        ranks.append(model[0].rank)
+        compressions.append(strategy.compression(model))
+    assert ranks == sorted(ranks, reverse=True) and ranks[0] > ranks[-1]
+    assert compressions == sorted(compressions) and compressions[0] < compressions[-1]
+    # each rank is what the tolerance gives on the teacher's own spectrum
+    assert ranks == [truncation_rank(torch.tensor(sigma, dtype=torch.float64), tau) for tau in taus]
+
+
+class WithHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(16, 12)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+
+def test_cheap_variant_augments_trains_cores_then_truncates_and_never_steps_the_bases():
+    torch.manual_seed(0)
+    model = WithHead()
+    strategy = TDLRT(tau=0.1, init_rank=3, max_rank=6, augment_every=4)
+    strategy.apply(model)
+    layer = model.body
+    # a user's optimizer over model.parameters(), with weight decay on everything
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    x, y = torch.randn(32, 16), torch.randn(32, 3)
+    assert [s for s in range(13) if strategy.is_augment_step(s)] == [0, 4, 8, 12]
+    assert [s for s in range(13) if strategy.should_update(s)] == [4, 8, 12]
+    for step in range(8):
+        bases = [b.detach().clone() for b in layer.basis_parameters()]
+        core, head, ranks = layer.core.detach().clone(), model.head.weight.detach().clone(), layer.ranks
+        out = model(x).detach()
+        optimizer.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        edits = strategy.before_optimizer_step(model, step)
+        if strategy.is_augment_step(step):
+            assert [len(edits), layer.ranks] == [2, (2 * ranks[0], 2 * ranks[1])]  # state init, moment transport
+            assert layer.core.grad is None
+            torch.testing.assert_close(model(x), out, atol=1e-6, rtol=1e-6)  # augmentation keeps the function
+        else:
+            assert edits == [] and layer.ranks == ranks
+        for edit in edits:
+            edit.apply_(optimizer)
+        augmented = [b.detach().clone() for b in layer.basis_parameters()], layer.core.detach().clone()
+        optimizer.step()
+        assert all(torch.equal(b, a) for b, a in zip(layer.basis_parameters(), augmented[0]))  # bases never step
+        assert torch.equal(layer.core, augmented[1]) == strategy.is_augment_step(step)  # cores step between
+        assert not torch.equal(model.head.weight, head)  # the rest of the model steps every time
+        if not strategy.is_augment_step(step):
+            assert all(torch.equal(b, a) for b, a in zip(layer.basis_parameters(), bases))
+            assert not torch.equal(layer.core, core)
+        if strategy.should_update(step + 1):
+            strategy.update(model, step + 1)
+            assert layer.rank < 2 * ranks[0]
+        assert orthonormality_error(layer) < 1e-5
+    # the bases hold an optimizer state (a distributed checkpoint needs one) that never moved them
+    assert all(optimizer.state[b]["exp_avg"].count_nonzero() == 0 for b in layer.basis_parameters())
+
+
+def _trained_linear(moments: str):
+    torch.manual_seed(0)
+    model = WithHead()
+    strategy = TDLRT(tau=0.2, init_rank=4, max_rank=6, augment_every=5, moments=moments)
+    strategy.apply(model)
+    x, y = torch.randn(32, 16), torch.randn(32, 3)
+    optimizer, _ = train(model, strategy, lambda g: (x, y), steps=4)  # augmented at 0, three core steps
+    return model, strategy, optimizer
+
+
+def test_core_moments_are_transported_in_place_at_truncation_and_augmentation():
+    model, strategy, optimizer = _trained_linear("transport")
+    layer = model.body
+    state = optimizer.state[layer.core]
+    m, v, step = state["exp_avg"], state["exp_avg_sq"], state["step"].item()
+    for operation in ("truncate", "augment"):
+        r_out, r_in = layer.ranks
+        u_old, v_old = layer.basis_out.detach()[:, :r_out].clone(), layer.basis_in.detach()[:, :r_in].clone()
+        m_old, v_old_moment = m[:r_out, :r_in].clone().double(), state["exp_avg_sq"][:r_out, :r_in].clone().double()
+        if operation == "truncate":
+            edits = strategy.update(model, 5)
+        else:
+            F.mse_loss(model(torch.randn(8, 16)), torch.randn(8, 3)).backward()
+            edits = strategy.before_optimizer_step(model, 5)
+        edit = edits[-1]
+        assert isinstance(edit, CoreMomentTransport)
+        changed, seen = edit.apply_(optimizer)
+        assert seen == 2 * layer.core.numel() and changed > 0
+        n_out, n_in = layer.ranks
+        big_m = (layer.basis_out.detach()[:, :n_out].T @ u_old).double()  # M = U_new^T U_old
+        big_n = (layer.basis_in.detach()[:, :n_in].T @ v_old).double()
+        assert state["exp_avg"] is m and state["exp_avg_sq"] is v  # edited in place
+        torch.testing.assert_close(m[:n_out, :n_in].double(), big_m @ m_old @ big_n.T, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(v[:n_out, :n_in].double(), (big_m @ v_old_moment.sqrt() @ big_n.T).square(),
+                                   atol=1e-9, rtol=1e-4)
+        outside = m.clone()
+        outside[:n_out, :n_in] = 0
+        assert not outside.any() and state["step"].item() == step
+
+
+def test_reset_policy_zeroes_the_core_state():
+    model, strategy, optimizer = _trained_linear("reset")
+    [edit] = strategy.update(model, 5)
+    assert isinstance(edit, StateReset) and edit.params == [model.body.core]
+    edit.apply_(optimizer)
+    state = optimizer.state[model.body.core]
+    assert not state["exp_avg"].any() and not state["exp_avg_sq"].any() and state["step"].item() == 0
+    assert optimizer.state[model.head.weight]["exp_avg"].any()
+
+
+def test_faithful_variant_runs_two_passes_per_step_and_adapts_the_rank():
+    teacher = low_rank_teacher([3.0, 2.0, 1.5])
+    strategy = TDLRT(tau=0.1, init_rank=8, max_rank=12, variant="faithful")
+    torch.manual_seed(0)
+    module = Regression(optimizer_wrapper=strategy.wrap_optimizer, sgd=True)  # DLRT's optimizer: SGD
+    trainer = fit(module, strategy, regression_loader(teacher), steps=100)
+    assert isinstance(trainer.optimizers[0], BUGOptimizer)
+    assert module.training_steps == 2 * 100  # K-step pass and Galerkin pass
+    layer = module.net[0]
+    assert layer.ranks == (3, 3)  # truncated every step, from 8
+    assert trainer.callback_metrics["loss"] < 0.1  # from 0.75
+    assert orthonormality_error(layer) < 1e-5
+
+
+def test_faithful_variant_without_the_wrapped_optimizer_is_a_clear_error():
+    strategy = TDLRT(init_rank=4, max_rank=8, variant="faithful")
+    with pytest.raises(RuntimeError, match="needs the optimizer wrapped"):
+        fit(Regression(), strategy, regression_loader(low_rank_teacher([1.0])), steps=2)
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.fc = nn.Linear(16 * 4 * 4, 32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.depthwise(F.relu(self.conv2(F.relu(self.conv1(x)))))
+        return self.head(F.relu(self.fc(x.flatten(1))))
+
+
+@pytest.mark.parametrize("spatial_rank", [None, 2])
+def test_report_compression_matches_the_exported_parameter_count(spatial_rank):
+    torch.manual_seed(0)
+    model = SmallCNN()
+    strategy = TDLRT(tau=0.2, init_rank=0.25, max_rank=0.5, augment_every=3, spatial_rank=spatial_rank)
+    strategy.apply(model)
+    assert [name for name, _ in strategy.layers(model)] == ["conv1", "conv2", "fc"]  # grouped conv and head stay
+    x, y = torch.randn(8, 3, 8, 8), torch.randn(8, 10)
+    train(model, strategy, lambda g: (x, y), steps=3)
+    report = strategy.report(model)
+    compact = strategy.export(model)
+    exported = {name: sum(p.numel() for p in compact.get_submodule(name).parameters())
+                for name in ("conv1", "conv2", "fc")}
+    assert [row.trainable for row in report.rows] == list(exported.values())
+    assert [row.dense for row in report.rows] == [8 * 3 * 9 + 8, 16 * 8 * 9 + 16, 256 * 32 + 32]
+    assert strategy.compression(model) == pytest.approx(1 - sum(exported.values()) / report.dense)
+    torch.testing.assert_close(compact(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_param_groups_exclude_bases_from_weight_decay_and_decay_the_core():
+    torch.manual_seed(0)
+    model = WithHead()
+    strategy = TDLRT(init_rank=2, max_rank=4)
+    strategy.apply(model)
+    groups = {g["lowrank_role"]: g for g in strategy.param_groups(model, weight_decay=0.1)}
+    assert groups["basis"]["weight_decay"] == 0.0 and len(groups["basis"]["params"]) == 2
+    assert groups["core"]["weight_decay"] == 0.1 and groups["core"]["params"] == [model.body.core]
+    assert "weight_decay" not in {g["lowrank_role"]: g for g in strategy.param_groups(model)}["core"]
+
+
+def test_ranks_resolve_per_layer_and_the_config_round_trips(one_thread):
+    torch.manual_seed(0)
+    model = SmallCNN()
+    strategy = TDLRT(tau=0.05, init_rank=3, max_rank=0.5, min_rank=1, spatial_rank=2)
+    strategy.apply(model)
+    # conv1 (8 x 3 x 3 x 3): max_rank = 0.5 of (8, 3) rounds to (4, 2), and init_rank=3 is capped by it
+    assert model.conv1.ranks == (3, 2, 2, 2) and model.conv1.max_ranks == (4, 2, 3, 3)
+    assert model.conv1.capacities == (8, 3, 3, 3) and model.fc.capacities == (32, 32)
+    rebuilt = strategy_from_config(strategy.to_config())
+    assert isinstance(rebuilt, TDLRT) and rebuilt.to_config() == strategy.to_config()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"tau": 1.0}, r"tau must be a relative tolerance in \[0, 1\)"),
+    ({"init_rank": 8, "max_rank": 4}, "init_rank must be <= max_rank"),
+    ({"min_rank": 0}, "min_rank must be an int >= 1"),
+    ({"variant": "exact"}, r"variant must be one of \('cheap', 'faithful'\)"),
+    ({"augment_every": 1}, "augment_every must be an int >= 2"),
+    ({"moments": "keep"}, r"moments must be one of \('transport', 'reset'\)"),
+    ({"spatial_rank": 0}, "spatial_rank must be None"),
+    ({"max_rank": 1.5}, r"max_rank must be an int >= 1 or a float in \(0, 1\]"),
+])
+def test_bad_arguments_name_the_parameter(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TDLRT(**kwargs)
