@@ -1,0 +1,216 @@
+"""InRank (Zhao et al., arXiv 2306.11250): grow the rank of ``B A`` by explained ratio, then fix it (Efficient)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, get_args
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lr_lightning.layers.incremental import IncrementalLinear
+from lr_lightning.optim import StateEdit, StateReset
+from lr_lightning.strategies.base import LowRankStrategy, check_rank_argument, resolve_rank
+
+RatioKind = Literal["variance", "energy"]
+
+
+def explained_ratio(s: torch.Tensor, k: int, size: int, kind: RatioKind = "variance") -> float:
+    """How much of the spectrum ``s`` (descending) its top ``k`` values explain; 1 for an all-zero ``s``.
+
+    ``variance`` (the reference code): ``g = 1 - Var(s - s_≤k) / Var(s)``, the unbiased variance over
+    ``size = min(m, n)`` values (``s`` padded with zeros, as the code's full-size ``svdvals``);
+    ``s_≤k`` keeps the top ``k`` values. ``energy``: ``g = Σ_{i≤k} s_i² / Σ_i s_i²``.
+    """
+    s = s.double()
+    if kind == "energy":
+        total = (s * s).sum()
+        return 1.0 if total == 0 else float((s[:k] * s[:k]).sum() / total)
+    padded = torch.cat([s, s.new_zeros(max(size - len(s), 0))])
+    spread = padded.var()
+    if spread == 0:
+        return 1.0
+    tail = padded.clone()
+    tail[:k] = 0
+    return float(1 - tail.var() / spread)
+
+
+def select_rank(s: torch.Tensor, rank: int, limit: int, threshold: float, size: int,
+                kind: RatioKind = "variance") -> int:
+    """The smallest ``k`` in ``rank..limit`` with ``explained_ratio(s, k) >= threshold``, else ``limit``.
+
+    Starting at the current ``rank`` makes the rank never decrease.
+    """
+    for k in range(rank, limit):
+        if explained_ratio(s, k, size, kind) >= threshold:
+            return k
+    return max(rank, limit)
+
+
+class InRank(LowRankStrategy):
+    """Incremental low-rank learning: ``W = [W0 +] B A`` whose rank ``r`` grows while training.
+
+    The forward uses ``r + buffer`` columns of factors allocated at ``max_rank``. Every
+    ``check_every`` optimizer steps after ``warmup_steps``, each layer's ``B A`` spectrum ``s`` (QR of
+    both factors, then an SVD of the small ``(r + b) x (r + b)`` core) sets
+    ``r <- min{k >= r : g(s, k) >= threshold}``, capped at ``max_rank - buffer``; the rank never
+    shrinks. The decision is taken on process 0 and broadcast. Newly active columns start with ``A``
+    Kaiming-uniform (seeded, the same on every process) and ``B = 0``, so growth keeps the function;
+    inactive capacity stays exactly zero, so neither weight decay nor the optimizer touches it.
+
+    InRank-Efficient (the default, ``keep_base=False``: ``W = B A`` with no ``W0``, as the released
+    code): at the end of training epoch ``switch_epoch`` (or after optimizer step ``switch_step``)
+    every layer is re-factored by SVD at its found rank with balanced factors, the buffer is
+    dropped, the factors' optimizer state is reset, and training continues at a fixed rank with
+    ``r (m + n)`` instead of ``(r + b)(m + n)`` multiply-adds per token. With ``keep_base=True`` the
+    layer is the paper's general InRank, ``W = W0 + B A`` with ``W0`` the frozen initial weight.
+
+    Args:
+        init_rank: ``r_0``, the starting rank.
+        buffer: ``b``, extra active columns in which new directions can appear (the reference
+            code uses 100 for GPT-2's 768-wide MLPs).
+        threshold: ``alpha``, the explained ratio the found rank must reach (paper: 0.9).
+        ratio: The explained-ratio definition: ``variance`` (default; the reference code's
+            ``1 - Var(s - s_≤k) / Var(s)``, which produced the published numbers) or ``energy``
+            (``Σ_{i≤k} s_i² / Σ s_i²``). See :func:`explained_ratio`.
+        warmup_steps: Optimizer steps without rank checks (the code's 200 forwards at its
+            gradient accumulation of 8 are 25 steps).
+        check_every: Checks run after optimizer steps that are multiples of ``check_every`` past
+            ``warmup_steps`` (the code's 25 forwards at accumulation 8 are about 3 steps).
+        max_rank: Capacity of the factors: an int, or a float fraction of ``min(m, n)`` (default
+            0.5, the code's ``R_max = min(m, n) / 2``). The rank stops at ``max_rank - buffer``.
+        keep_base: ``True``: ``W = W0 + B A`` with ``W0`` frozen (general InRank; ``B A`` starts at
+            0). ``False``: ``W = B A`` from a random Kaiming init (InRank-Efficient).
+        switch_step: Re-factor and fix the ranks after this optimizer step; overrides
+            ``switch_epoch``.
+        switch_epoch: Re-factor and fix the ranks at the end of this training epoch (0-based;
+            default 0, the end of the first epoch as in the paper); ``None`` with ``switch_step``
+            ``None`` keeps growing for the whole run.
+        seed: Seed of the generators that draw ``A`` (identical on all processes).
+        target_modules: See :class:`LowRankStrategy` (the paper converts MLP layers only:
+            ``["*.mlp.*"]`` for this package's GPT).
+        exclude_modules: See :class:`LowRankStrategy`.
+    """
+
+    def __init__(
+        self,
+        init_rank: int = 2,
+        buffer: int = 16,
+        threshold: float = 0.9,
+        ratio: RatioKind = "variance",
+        warmup_steps: int = 25,
+        check_every: int = 3,
+        max_rank: int | float = 0.5,
+        keep_base: bool = False,
+        switch_step: int | None = None,
+        switch_epoch: int | None = 0,
+        seed: int = 0,
+        target_modules: list[str] | None = None,
+        exclude_modules: list[str] | None = None,
+    ) -> None:
+        super().__init__(target_modules, exclude_modules)
+        for name, value, low in (("init_rank", init_rank, 1), ("buffer", buffer, 1), ("check_every", check_every, 1),
+                                 ("warmup_steps", warmup_steps, 0)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int >= {low}, got {value!r}")
+            if value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value}")
+        if not 0 < threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        if ratio not in get_args(RatioKind):
+            raise ValueError(f"ratio must be one of {get_args(RatioKind)}, got {ratio!r}")
+        check_rank_argument(max_rank, "max_rank")
+        if switch_step is not None and switch_step < 1:
+            raise ValueError(f"switch_step must be an int >= 1 or None, got {switch_step}")
+        if switch_epoch is not None and switch_epoch < 0:
+            raise ValueError(f"switch_epoch must be an int >= 0 or None, got {switch_epoch}")
+        self.init_rank, self.buffer, self.threshold, self.ratio = init_rank, buffer, threshold, ratio
+        self.warmup_steps, self.check_every, self.max_rank = warmup_steps, check_every, max_rank
+        self.keep_base, self.switch_step, self.switch_epoch, self.seed = keep_base, switch_step, switch_epoch, seed
+        self.switched = False
+
+    def generator(self, index: int, draw: int = 0) -> torch.Generator:
+        """The CPU generator of layer ``index``'s draw of ``A`` rows at step ``draw`` (0: the init)."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + draw * 10_007 + index)
+
+    def convert(self, name: str, module: nn.Module, index: int) -> nn.Module:
+        m, n = module.weight.shape
+        capacity = resolve_rank(self.max_rank, m, n, name)
+        if self.init_rank + self.buffer > capacity:
+            raise ValueError(
+                f"init_rank + buffer = {self.init_rank + self.buffer} exceeds the capacity {capacity} of layer "
+                f"'{name}' of shape ({m}, {n}) (max_rank={self.max_rank}): lower init_rank or buffer, or raise "
+                f"max_rank up to {min(m, n)} (1.0)")
+        return IncrementalLinear.from_linear(module, capacity, self.init_rank, self.buffer, base=self.keep_base,
+                                             generator=self.generator(index))
+
+    # ----------------------------------------------------------------------------- schedule
+    def is_check_step(self, step: int) -> bool:
+        """Whether a rank check runs after optimizer step ``step`` (multiples of ``check_every`` past warmup)."""
+        return not self.switched and step > self.warmup_steps and step % self.check_every == 0
+
+    def should_update(self, step: int) -> bool:
+        return self.is_check_step(step) or (not self.switched and step == self.switch_step)
+
+    def update(self, model: nn.Module, step: int) -> list[StateEdit]:
+        """Grow the ranks on a check step; re-factor at the found ranks on ``switch_step``."""
+        if self.is_check_step(step):
+            self.grow(model, step)
+        if step == self.switch_step and not self.switched:
+            return self.switch(model)
+        return []
+
+    def update_at_epoch_end(self, model: nn.Module, epoch: int) -> list[StateEdit]:
+        """Re-factor at the found ranks once epoch ``switch_epoch`` ends (unless ``switch_step`` is set)."""
+        if self.switch_step is None and epoch == self.switch_epoch and not self.switched:
+            return self.switch(model)
+        return []
+
+    # ----------------------------------------------------------------------------- operations
+    def grow(self, model: nn.Module, step: int) -> dict[str, int]:
+        """Set each layer's rank from its spectrum (decided on process 0); return the new ranks by layer name."""
+        layers = self._incremental_layers(model)
+        ranks = []
+        for _, _, layer in layers:
+            size = min(layer.in_features, layer.out_features)
+            limit = min(layer.active_rank, layer.capacity - layer.buffer)
+            ranks.append(select_rank(layer.spectrum(), layer.rank, limit, self.threshold, size, self.ratio))
+        ranks = _from_process_zero(ranks, layers[0][2].current_rank.device) if layers else ranks
+        for (index, _, layer), rank in zip(layers, ranks):
+            layer.grow_(rank, self.generator(index, draw=step))
+        return {name: rank for (_, name, _), rank in zip(layers, ranks)}
+
+    def switch(self, model: nn.Module) -> list[StateEdit]:
+        """InRank-Efficient's second stage: SVD re-factor at rank ``r``, no buffer; reset the factors' state."""
+        factors = []
+        for _, _, layer in self._incremental_layers(model):
+            if layer.buffer > 0:
+                layer.truncate_()
+                factors += [layer.A, layer.B]
+        self.switched = True
+        return [StateReset(factors, "full")] if factors else []
+
+    def _incremental_layers(self, model: nn.Module) -> list[tuple[int, str, IncrementalLinear]]:
+        return [(i, name, layer) for i, (name, layer) in enumerate(self.layers(model))
+                if isinstance(layer, IncrementalLinear)]
+
+    # ----------------------------------------------------------------------------- logging, state
+    def metrics(self, model: nn.Module) -> dict[str, float]:
+        active = sum(layer.active_rank for _, _, layer in self._incremental_layers(model))
+        return {**super().metrics(model), "inrank/total_active_rank": float(active),
+                "inrank/switched": float(self.switched)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"switched": self.switched}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.switched = bool(state.get("switched", False))
+
+
+def _from_process_zero(values: list[int], device: torch.device) -> list[int]:
+    """Process 0's ``values`` on every process (the values themselves outside a process group)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    tensor = torch.tensor(values, dtype=torch.long, device=device)
+    dist.broadcast(tensor, src=0)
+    return tensor.tolist()
