@@ -1,4 +1,4 @@
-"""Train the foundation configs (full rank, LoRA, ReLoRA, ReLoRA*) side by side and tabulate them.
+"""Train the language-modeling configs of every strategy side by side and tabulate them.
 
     python bench/lm_baselines.py --max-steps 600 --out bench/results
 
@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from lr_lightning.cli import run_cli  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "lm"
-STRATEGIES = ("full_rank", "lora", "relora", "relora_star", "sst")
+STRATEGIES = ("full_rank", "lora", "relora", "relora_star", "sst", "inrank", "tdlrt", "svd_training")
 
 
 def run(name: str, max_steps: int, out: Path, extra: list[str]) -> dict:

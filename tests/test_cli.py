@@ -12,9 +12,14 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml
 QUICK = ["--trainer.enable_progress_bar", "false", "--data.init_args.max_chars", "60000"]
 
 
-def test_configs_exist_for_every_foundation_strategy():
-    names = {p.stem for p in CONFIGS if p.parent.name == "lm"}
-    assert {"full_rank", "lora", "relora", "relora_star"} <= names
+def test_every_strategy_has_a_language_modeling_config():
+    import lr_lightning.strategies as strategies
+
+    used = {line.split("lr_lightning.strategies.")[1].strip() for p in CONFIGS if p.parent.name == "lm"
+            for line in p.read_text().splitlines() if "class_path: lr_lightning.strategies." in line}
+    exported = {name for name in strategies.__all__ if isinstance(getattr(strategies, name), type)
+                and issubclass(getattr(strategies, name), strategies.LowRankStrategy)} - {"LowRankStrategy"}
+    assert exported == used
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
@@ -32,7 +37,8 @@ def test_config_runs_with_fast_dev_run(config, tmp_path):
 def test_unknown_strategy_error_lists_the_strategies():
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--model.strategy=LoRa"])
-    assert all(name in str(exit_info.value.code) for name in ("FullRank", "LoRA", "ReLoRA"))
+    assert all(name in str(exit_info.value.code)
+               for name in ("FullRank", "LoRA", "ReLoRA", "SST", "InRank", "TDLRT", "SVDTraining"))
 
 
 @pytest.mark.parametrize("subcommand", ["validate", "test"])

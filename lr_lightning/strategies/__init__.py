@@ -6,7 +6,8 @@ from lr_lightning.strategies.inrank import InRank
 from lr_lightning.strategies.lora import LoRA
 from lr_lightning.strategies.relora import ReLoRA
 from lr_lightning.strategies.sst import SST
+from lr_lightning.strategies.svd_training import SVDTraining
 from lr_lightning.strategies.tdlrt import TDLRT, BUGOptimizer
 
 __all__ = ["LowRankStrategy", "LayerRow", "StrategyReport", "strategy_from_config", "FullRank", "LoRA", "ReLoRA", "SST",
-           "InRank", "TDLRT", "BUGOptimizer"]
+           "InRank", "TDLRT", "BUGOptimizer", "SVDTraining"]

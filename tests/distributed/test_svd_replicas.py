@@ -1,0 +1,38 @@
+"""SVDTraining on 2 CPU processes (gloo): sparsity from step 2, energy pruning at step 6, under DDP and FSDP2."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+CONFIG = {"class_path": "lr_lightning.strategies.SVDTraining", "init_args": {
+    "orthogonality_weight": 1.0, "sparsity": "hoyer", "sparsity_weight": 0.05, "energy": 0.1,
+    "sparsify_at": 2, "prune_at": 6}}
+BACKENDS = ["ddp", "fsdp2"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, run_replicas) -> dict[str, tuple[dict, Path]]:
+    out = {}
+    for backend in BACKENDS:
+        workdir = tmp_path_factory.mktemp(f"svd-{backend}")
+        out[backend] = run_replicas(backend, CONFIG, workdir), workdir
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_replicas_agree_and_resume_through_the_prune(results, backend):
+    result, _ = results[backend]
+    assert result["straight_replicas_equal"] and result["resumed_replicas_equal"]
+    assert result["step"] == 8 and result["second_half_moved"] > 1e-2
+    assert result["resume_max_abs_diff"] < 1e-6  # the stage (sparsify at the step-4 checkpoint) was restored
+    assert result["strategy_state"] == {"stage": "finetune"}
+    assert min(result["ranks"]) < 32 and max(result["ranks"]) <= 32  # n_embd = 32: every layer's capacity
+
+
+def test_fsdp2_trains_like_ddp(results):
+    ddp = torch.load(results["ddp"][1] / "straight.pt")
+    fsdp2 = torch.load(results["fsdp2"][1] / "straight.pt")
+    assert ddp.keys() == fsdp2.keys()
+    for key in ddp:
+        torch.testing.assert_close(fsdp2[key].to(ddp[key].dtype), ddp[key], atol=1e-4, rtol=1e-4, msg=key)
