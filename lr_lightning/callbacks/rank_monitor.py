@@ -19,6 +19,8 @@ class RankMonitor(L.Callback):
     weight and its effective rank ``exp(H(p))``, ``p_i = s_i / sum_j s_j`` (Roy & Vetterli 2007).
     With ``plot_path`` set, a PNG of rank over steps (one line per layer) is written at the end of
     fit. The history is kept in the callback state, so a resumed run continues the same plot.
+    A step is recorded at the start of the next batch (or at the end of training), after every
+    callback's end-of-step hook, so a rank change made at that step by the strategy shows at it.
 
     Args:
         every_n_steps: Optimizer steps between records.
@@ -36,8 +38,14 @@ class RankMonitor(L.Callback):
         if not self.history:
             self.record(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._record_due(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._record_due(trainer, pl_module)
+
+    def _record_due(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Record completed step ``global_step`` once every callback's end-of-step hook has run on it."""
         step = trainer.global_step
         if step % self.every_n_steps == 0 and step > self._last_recorded_step():
             self.record(trainer, pl_module)

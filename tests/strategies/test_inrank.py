@@ -102,6 +102,21 @@ def test_rank_grows_from_init_rank_to_the_teacher_rank_and_never_decreases(keep_
     assert (tmp_path / "ranks.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_rank_monitor_records_the_rank_each_check_left_at_that_step():
+    """A monitor that runs before the strategy's callback (as a trainer callback runs before a task's
+    ``configure_callbacks``) must not lag a check by one record."""
+    strategy = SpyInRank(init_rank=2, buffer=4, max_rank=16, warmup_steps=20, check_every=5, switch_epoch=None)
+    monitor = RankMonitor(every_n_steps=5)
+    torch.manual_seed(0)
+    L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, max_steps=60,
+              callbacks=[monitor, LowRankCallback(strategy, verbose=False)]).fit(
+        Regression(), DataLoader(_teacher_data(), batch_size=32, shuffle=True))
+    recorded = dict(monitor.history["net.0"])
+    assert any(ranks[0] > 2 for _, ranks in strategy.calls)
+    assert all(recorded[step] == ranks[0] for step, ranks in strategy.calls)
+
+
 def test_checks_run_on_optimizer_steps_whatever_the_gradient_accumulation():
     steps_seen = []
     for accumulate in (1, 4):
