@@ -8,21 +8,8 @@ import torch
 from torch import nn
 
 from lr_lightning.layers.base import LowRankLayer
+from lr_lightning.layers.linalg import sign_fixed_svd
 from lr_lightning.layers.tensors import full_tensor, local_tensor, write_full_
-
-
-def sign_fixed_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD ``M = U diag(s) V^T`` in float64 with each pair's sign fixed (largest ``|U_ij|`` positive).
-
-    Returns ``(U, s, V)`` with ``V`` (not ``V^T``); the sign rule makes the result unique for distinct
-    singular values, so every process that factors the same matrix gets the same factors.
-    """
-    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
-    v = vh.mT
-    rows = u.abs().argmax(dim=0)
-    signs = torch.sign(u[rows, torch.arange(u.shape[1])])
-    signs[signs == 0] = 1
-    return u * signs, s, v * signs
 
 
 class _SpectralMatmul(torch.autograd.Function):

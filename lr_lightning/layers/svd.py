@@ -17,26 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lr_lightning.layers.base import LowRankLayer
+from lr_lightning.layers.linalg import sign_fixed_svd
 from lr_lightning.layers.tensors import full_tensor, write_full_
 
 SVDInit = Literal["dense", "random"]
 SVD_INITS: tuple[str, ...] = ("dense", "random")
 Decomposition = Literal["channel", "spatial"]
 DECOMPOSITIONS: tuple[str, ...] = ("channel", "spatial")
-
-
-@torch.no_grad()
-def sign_fixed_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin ``U S V^T`` of ``matrix`` in float64, each pair signed so ``U``'s largest-|.| entry is positive.
-
-    The sign fix makes the result a function of ``matrix`` alone, so every process gets the same factors.
-    """
-    with torch.autocast(matrix.device.type, enabled=False):
-        u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
-    pivot = u.abs().argmax(dim=0)
-    signs = torch.sign(u.gather(0, pivot[None]).squeeze(0))
-    signs[signs == 0] = 1
-    return u * signs, s, vh * signs[:, None]
 
 
 class SVDLayer(LowRankLayer):
@@ -100,10 +87,10 @@ class SVDLayer(LowRankLayer):
 
         All singular values become active.
         """
-        u, s, vh = sign_fixed_svd(matrix)
+        u, s, v = sign_fixed_svd(matrix)
         write_full_(self.N, u)
         write_full_(self.s, s)
-        write_full_(self.C, vh)
+        write_full_(self.C, v.mT)
         self.active.fill_(True)
 
     @torch.no_grad()
@@ -133,11 +120,11 @@ class SVDLayer(LowRankLayer):
         since ``M`` has rank at most ``rank``.
         """
         k = self.rank
-        u, s, vh = sign_fixed_svd(self.matrix())
+        u, s, v = sign_fixed_svd(self.matrix())
         (a, r), b = self.N.shape, self.C.shape[1]
         write_full_(self.N, torch.cat([u[:, :k], u.new_zeros(a, r - k)], dim=1))
         write_full_(self.s, torch.cat([s[:k], s.new_zeros(r - k)]))
-        write_full_(self.C, torch.cat([vh[:k], vh.new_zeros(r - k, b)]))
+        write_full_(self.C, torch.cat([v.mT[:k], v.new_zeros(r - k, b)]))
         self.active.copy_(torch.arange(r, device=self.active.device) < k)
 
     def energy_keep(self, energy: float) -> torch.Tensor:

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from lr_lightning.layers.base import LowRankLayer
+from lr_lightning.layers.linalg import sign_fixed_svd
 from lr_lightning.layers.tensors import full_tensor, write_full_
 
 COMPUTE_DTYPE = torch.float64
@@ -63,14 +64,6 @@ def orthonormal_augmentation(basis: torch.Tensor, directions: torch.Tensor, rank
     q, r = torch.linalg.qr(torch.cat([basis, directions], dim=1))
     signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)
     return (q * signs)[:, :rank]
-
-
-def sign_fixed_left_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left singular vectors (each with its largest-magnitude entry positive) and singular values."""
-    left, sigma, _ = torch.linalg.svd(matrix, full_matrices=False)
-    pivot = left.abs().argmax(dim=0)
-    signs = torch.where(left[pivot, torch.arange(left.shape[1])] < 0, -1.0, 1.0).to(left.dtype)
-    return left * signs, sigma
 
 
 def truncation_rank(sigma: torch.Tensor, tau: float) -> int:
@@ -234,7 +227,7 @@ class TuckerLayer(LowRankLayer):
             tensor = weight.detach().to(COMPUTE_DTYPE).reshape(self.mode_sizes)
             bases: list[torch.Tensor | None] = []
             for mode, rank in enumerate(self.ranks):
-                bases.append(sign_fixed_left_svd(unfold(tensor, mode))[0][:, :rank] if self.factored[mode] else None)
+                bases.append(sign_fixed_svd(unfold(tensor, mode))[0][:, :rank] if self.factored[mode] else None)
             core = tucker_to_tensor(tensor, [None if b is None else b.T for b in bases])
         self._write_(core, bases)
 
@@ -276,7 +269,7 @@ class TuckerLayer(LowRankLayer):
                 if basis is None:
                     maps.append(None)
                     continue
-                left, sigma = sign_fixed_left_svd(unfold(core, mode))
+                left, sigma, _ = sign_fixed_svd(unfold(core, mode))
                 rank = max(truncation_rank(sigma, tau), min(min_rank, self.mode_sizes[mode]))
                 rank = min(rank, self.max_ranks[mode], left.shape[1])
                 maps.append(left[:, :rank].T)

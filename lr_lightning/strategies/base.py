@@ -46,6 +46,11 @@ def resolve_rank(rank: int | float, out_features: int, in_features: int, layer: 
     return resolved
 
 
+def layer_generator(seed: int, index: int, draw: int = 0) -> torch.Generator:
+    """The CPU generator of layer ``index``'s ``draw``-th random draw: the same on every process."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + draw * 10_007 + index)
+
+
 def check_rank_argument(rank: int | float, name: str = "rank") -> None:
     """Reject a rank that is neither a positive int nor a fraction in (0, 1]."""
     if isinstance(rank, bool) or not isinstance(rank, (int, float)):

@@ -10,7 +10,7 @@ from torch import nn
 
 from lr_lightning.layers.incremental import IncrementalLinear
 from lr_lightning.optim import StateEdit, StateReset
-from lr_lightning.strategies.base import LowRankStrategy, check_rank_argument, resolve_rank
+from lr_lightning.strategies.base import LowRankStrategy, check_rank_argument, layer_generator, resolve_rank
 
 RatioKind = Literal["variance", "energy"]
 
@@ -129,10 +129,6 @@ class InRank(LowRankStrategy):
         self.keep_base, self.switch_step, self.switch_epoch, self.seed = keep_base, switch_step, switch_epoch, seed
         self.switched = False
 
-    def generator(self, index: int, draw: int = 0) -> torch.Generator:
-        """The CPU generator of layer ``index``'s draw of ``A`` rows at step ``draw`` (0: the init)."""
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + draw * 10_007 + index)
-
     def convert(self, name: str, module: nn.Module, index: int) -> nn.Module:
         m, n = module.weight.shape
         capacity = resolve_rank(self.max_rank, m, n, name)
@@ -142,7 +138,7 @@ class InRank(LowRankStrategy):
                 f"'{name}' of shape ({m}, {n}) (max_rank={self.max_rank}): lower init_rank or buffer, or raise "
                 f"max_rank up to {min(m, n)} (1.0)")
         return IncrementalLinear.from_linear(module, capacity, self.init_rank, self.buffer, base=self.keep_base,
-                                             generator=self.generator(index))
+                                             generator=layer_generator(self.seed, index))
 
     # ----------------------------------------------------------------------------- schedule
     def is_check_step(self, step: int) -> bool:
@@ -177,7 +173,7 @@ class InRank(LowRankStrategy):
             ranks.append(select_rank(layer.spectrum(), layer.rank, limit, self.threshold, size, self.ratio))
         ranks = _from_process_zero(ranks, layers[0][2].current_rank.device) if layers else ranks
         for (index, _, layer), rank in zip(layers, ranks):
-            layer.grow_(rank, self.generator(index, draw=step))
+            layer.grow_(rank, layer_generator(self.seed, index, step))
         return {name: rank for (_, name, _), rank in zip(layers, ranks)}
 
     def switch(self, model: nn.Module) -> list[StateEdit]:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from lr_lightning.layers.lora import LoRALinear
-from lr_lightning.strategies.base import LowRankStrategy, check_rank_argument, resolve_rank
+from lr_lightning.strategies.base import LowRankStrategy, check_rank_argument, layer_generator, resolve_rank
 
 
 class LoRA(LowRankStrategy):
@@ -38,15 +37,11 @@ class LoRA(LowRankStrategy):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.rank, self.alpha, self.dropout, self.seed = rank, alpha, dropout, seed
 
-    def generator(self, index: int, draw: int = 0) -> torch.Generator:
-        """The CPU generator for layer ``index``'s ``draw``-th initialisation of ``A``."""
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + draw * 10_007 + index)
-
     def convert(self, name: str, module: nn.Module, index: int) -> nn.Module:
         m, n = module.weight.shape
         rank = resolve_rank(self.rank, m, n, name)
         return LoRALinear.from_linear(module, rank, self.alpha, self.dropout,
-                                      train_base=self.trains_base, generator=self.generator(index))
+                                      train_base=self.trains_base, generator=layer_generator(self.seed, index))
 
     @property
     def trains_base(self) -> bool:

@@ -9,6 +9,7 @@ from torch import nn
 
 from lr_lightning.layers.lora import LoRALinear
 from lr_lightning.optim import RESET_MODES, ResetMode, StateEdit, StateReset
+from lr_lightning.strategies.base import layer_generator
 from lr_lightning.strategies.lora import LoRA
 
 
@@ -86,7 +87,7 @@ class ReLoRA(LoRA):
         for index, (_, layer) in enumerate(self.layers(model)):
             if isinstance(layer, LoRALinear):
                 layer.merge_()
-                layer.reinit_(self.generator(index, draw=self.merges))
+                layer.reinit_(layer_generator(self.seed, index, self.merges))
                 factors += [layer.lora_A, layer.lora_B]
         resets = [StateReset(factors, self.reset, self.reset_fraction, seed=self.seed + self.merges)]
         if self.trains_base and step == self.warm_start_steps:

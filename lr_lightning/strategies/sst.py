@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import nn
 
 from lr_lightning.layers.spectral import SpectralLinear
 from lr_lightning.optim import StateEdit, StateReset
-from lr_lightning.strategies.base import LowRankStrategy, check_rank_argument, resolve_rank
+from lr_lightning.strategies.base import LowRankStrategy, check_rank_argument, layer_generator, resolve_rank
 
 
 class SST(LowRankStrategy):
@@ -66,14 +65,10 @@ class SST(LowRankStrategy):
         self.uniform_mix, self.restart_warmup_steps = uniform_mix, restart_warmup_steps
         self.enhanced_gradient, self.seed = enhanced_gradient, seed
 
-    def generator(self, index: int, draw: int) -> torch.Generator:
-        """The CPU generator of layer ``index``'s ``draw``-th active set."""
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + draw * 10_007 + index)
-
     def convert(self, name: str, module: nn.Module, index: int) -> SpectralLinear:
         m, n = module.weight.shape
         layer = SpectralLinear.from_linear(module, resolve_rank(self.rank, m, n, name), self.enhanced_gradient)
-        layer.select_(layer.sample(self.generator(index, 0), self.uniform_mix))
+        layer.select_(layer.sample(layer_generator(self.seed, index, 0), self.uniform_mix))
         return layer
 
     def rounds_of(self, layer: SpectralLinear) -> int:
@@ -99,7 +94,7 @@ class SST(LowRankStrategy):
             if draw % self.rounds_of(layer) == 0:
                 layer.resvd_()
                 spectra.append(layer.s)
-            layer.select_(layer.sample(self.generator(index, draw), self.uniform_mix))
+            layer.select_(layer.sample(layer_generator(self.seed, index, draw), self.uniform_mix))
             active += [layer.U_active, layer.V_active]
         return [StateReset(active, "full"), StateReset(spectra, "full")]
 

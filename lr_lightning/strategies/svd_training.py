@@ -18,7 +18,7 @@ from torch import nn
 
 from lr_lightning.layers.svd import DECOMPOSITIONS, SVD_INITS, Decomposition, SVDConv2d, SVDInit, SVDLayer, SVDLinear
 from lr_lightning.optim import StateEdit, StateReset
-from lr_lightning.strategies.base import LowRankStrategy
+from lr_lightning.strategies.base import LowRankStrategy, layer_generator
 
 Sparsity = Literal["hoyer", "hoyer_square", "l1"]
 SPARSITIES: tuple[str, ...] = ("hoyer", "hoyer_square", "l1")
@@ -144,14 +144,10 @@ class SVDTraining(LowRankStrategy):
         return (f"{message} Convs with at most {INPUT_CONV_CHANNELS} input channels are left dense "
                 "unless input_convs=True.")
 
-    def generator(self, index: int) -> torch.Generator:
-        """The CPU generator of layer ``index``'s random init."""
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-
     def convert(self, name: str, module: nn.Module, index: int) -> nn.Module:
         if isinstance(module, nn.Conv2d):
-            return SVDConv2d.from_conv(module, self.decomposition, self.init, self.generator(index))
-        return SVDLinear.from_linear(module, self.init, self.generator(index))
+            return SVDConv2d.from_conv(module, self.decomposition, self.init, layer_generator(self.seed, index))
+        return SVDLinear.from_linear(module, self.init, layer_generator(self.seed, index))
 
     def svd_layers(self, model: nn.Module) -> list[tuple[str, SVDLayer]]:
         """The converted layers in SVD form."""
