@@ -29,7 +29,8 @@ class LowRankCallback(L.Callback):
     ``strategy.before_optimizer_step`` (gradient edits) after AMP unscaling. The optimizer-state
     edits these return are applied in place (the fraction of state entries changed is logged, so a
     reset that resets nothing shows), and the converted layers are broadcast from process 0
-    afterwards so replicas cannot drift.
+    afterwards so replicas cannot drift. ``strategy.metrics`` (ranks, regularizer values) is logged
+    after each operation and every ``log_every_n_steps`` optimizer steps.
 
     Args:
         strategy: The low-rank method to apply.
@@ -69,6 +70,8 @@ class LowRankCallback(L.Callback):
         self.strategy.after_optimizer_step(pl_module, step)
         if self.strategy.should_update(step):
             self._run(trainer, pl_module, self.strategy.update(pl_module, step))
+        elif step % trainer.log_every_n_steps == 0:
+            self._log(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         edits = self.strategy.update_at_epoch_end(pl_module, trainer.current_epoch)

@@ -64,6 +64,16 @@ def test_callback_converts_a_plain_module_and_merges_on_optimizer_steps(accumula
     assert len(zeroed) == 2 and all(0.85 < z < 0.95 for z in zeroed)
 
 
+def test_strategy_metrics_are_logged_every_log_every_n_steps(tmp_path):
+    logger = CSVLogger(tmp_path)
+    _trainer([LowRankCallback(LoRA(rank=4), verbose=False)], logger, max_steps=6, log_every_n_steps=2).fit(
+        PlainModule(), _loader())
+    logger.save()
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("lowrank/total_rank")]
+    assert steps == [0, 2, 4, 6]
+
+
 class Snapshot(L.Callback):
     def __init__(self, step: int) -> None:
         self.step, self.weight = step, None
