@@ -195,24 +195,18 @@ class IncrementalLinear(LowRankLayer):
 
     def export(self) -> nn.Module:
         """``nn.Linear`` with ``W0 + B A`` merged (general InRank), else ``Linear(n, k) -> Linear(k, m)``."""
-        kw = {"device": self.A.device, "dtype": self.A.dtype}
-        has_bias = self.bias is not None
         if self.weight is not None:
-            linear = nn.Linear(self.in_features, self.out_features, bias=has_bias, **kw)
-            parts = [(linear.weight, self.dense_weight())]
-            compact: nn.Module = linear
-        else:
-            k = self.active_rank
-            down = nn.Linear(self.in_features, k, bias=False, **kw)
-            up = nn.Linear(k, self.out_features, bias=has_bias, **kw)
-            parts = [(down.weight, full_tensor(self.A)[:k]), (up.weight, full_tensor(self.B)[:, :k])]
-            compact, linear = nn.Sequential(down, up), up
+            return self.merged_linear()
+        kw = {"device": self.A.device, "dtype": self.A.dtype}
+        k = self.active_rank
+        down = nn.Linear(self.in_features, k, bias=False, **kw)
+        up = nn.Linear(k, self.out_features, bias=self.bias is not None, **kw)
         with torch.no_grad():
-            for target, value in parts:
-                target.copy_(value)
-            if has_bias:
-                linear.bias.copy_(full_tensor(self.bias))
-        return compact
+            down.weight.copy_(full_tensor(self.A)[:k])
+            up.weight.copy_(full_tensor(self.B)[:, :k])
+            if self.bias is not None:
+                up.bias.copy_(full_tensor(self.bias))
+        return nn.Sequential(down, up)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "

@@ -78,9 +78,6 @@ class LoRALinear(LowRankLayer):
     def capacity(self) -> int:
         return self.lora_A.shape[0]
 
-    def trainable_numel(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = F.linear(x, self.weight, self.bias)
         return base + self.scaling * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
@@ -110,14 +107,7 @@ class LoRALinear(LowRankLayer):
 
     def export(self) -> nn.Linear:
         """The merged dense layer (``W0`` is full rank, so that is LoRA's compact form)."""
-        weight = self.dense_weight().detach()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(full_tensor(self.bias))
-        return linear
+        return self.merged_linear()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "

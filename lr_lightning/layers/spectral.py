@@ -99,9 +99,6 @@ class SpectralLinear(LowRankLayer):
     def capacity(self) -> int:
         return self.s.shape[0]
 
-    def trainable_numel(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         with torch.autocast(x.device.type, enabled=False):
@@ -172,14 +169,7 @@ class SpectralLinear(LowRankLayer):
 
     def export(self) -> nn.Linear:
         """The merged dense layer (SST has no inference overhead)."""
-        weight = self.dense_weight().detach()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(full_tensor(self.bias))
-        return linear
+        return self.merged_linear()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank} of {self.capacity}"
