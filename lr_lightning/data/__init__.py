@@ -1,5 +1,6 @@
 """Lightning data modules."""
 
+from lr_lightning.data.graphs import Graph, GraphDataModule
 from lr_lightning.data.text import TextDataModule
 
-__all__ = ["TextDataModule"]
+__all__ = ["TextDataModule", "GraphDataModule", "Graph"]

@@ -1,5 +1,6 @@
 """LightningModules that compose a model with a low-rank strategy."""
 
 from lr_lightning.tasks.language_modeling import LanguageModelingTask
+from lr_lightning.tasks.node_classification import NodeClassificationTask, RiemannianAdamW
 
-__all__ = ["LanguageModelingTask"]
+__all__ = ["LanguageModelingTask", "NodeClassificationTask", "RiemannianAdamW"]
