@@ -20,6 +20,12 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def inverse_sqrt(step: int, warmup_steps: int) -> float:
+    """Linear warmup to 1, then ``sqrt(warmup_steps / t)`` (Vaswani et al. 2017, as fairseq's schedule)."""
+    t = step + 1
+    return min(t / warmup_steps, (warmup_steps / t) ** 0.5) if warmup_steps > 0 else t ** -0.5
+
+
 def _group_factor(step: int, base: Callable[[int], float], strategy: LowRankStrategy, role: str) -> float:
     return base(step) * strategy.lr_multiplier(step, role)
 

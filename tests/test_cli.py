@@ -10,6 +10,8 @@ from lr_lightning.cli import main
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 QUICK = ["--trainer.enable_progress_bar", "false", "--data.init_args.max_chars", "60000"]
+QUICK_BY_TASK = {"lm": QUICK, "translation": ["--trainer.enable_progress_bar", "false", "--data.init_args.max_tokens",
+                                              "512", "--model.init_args.beam_size", "2"]}
 
 
 def test_every_strategy_has_a_language_modeling_config():
@@ -31,7 +33,8 @@ def test_config_starts_with_its_launch_command(config):
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_config_runs_with_fast_dev_run(config, tmp_path):
     main(["fit", "--config", str(config), "--trainer.fast_dev_run", "2",
-          "--trainer.default_root_dir", str(tmp_path), *QUICK])
+          "--trainer.default_root_dir", str(tmp_path),
+          *QUICK_BY_TASK.get(config.parent.name, ["--trainer.enable_progress_bar", "false"])])
 
 
 def test_unknown_strategy_error_lists_the_strategies():

@@ -5,21 +5,19 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Literal
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torchmetrics.text import Perplexity
 
-from lr_lightning.callbacks import LowRankCallback
-from lr_lightning.callbacks.lowrank import CHECKPOINT_KEY
 from lr_lightning.models import GPT, GPTConfig
 from lr_lightning.schedules import strategy_lr_scheduler, warmup_cosine
-from lr_lightning.strategies import FullRank, LowRankStrategy, strategy_from_config
+from lr_lightning.strategies import FullRank, LowRankStrategy
+from lr_lightning.tasks.base import StrategyTask
 
 
-class LanguageModelingTask(L.LightningModule):
+class LanguageModelingTask(StrategyTask):
     """Train a GPT decoder on ``(x, y)`` token windows; loss ``-1/T sum_t log p(y_t | x_<=t)``.
 
     The strategy converts the decoder's linear layers in ``__init__`` (module names start with
@@ -67,11 +65,14 @@ class LanguageModelingTask(L.LightningModule):
         self.save_hyperparameters(ignore=["strategy", "optimizer"])
         self.strategy = strategy if strategy is not None else FullRank()
         self.optimizer_factory = optimizer
-        self.model = GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
-                                   n_embd=n_embd, ffn_mult=ffn_mult, dropout=dropout, activation=activation))
-        self.strategy.apply(self)
+        self.install_model()
         self.val_ppl = Perplexity()
         self.test_ppl = Perplexity()
+
+    def build_model(self) -> GPT:
+        h = self.hparams
+        return GPT(GPTConfig(vocab_size=h.vocab_size, block_size=h.block_size, n_layer=h.n_layer, n_head=h.n_head,
+                             n_embd=h.n_embd, ffn_mult=h.ffn_mult, dropout=h.dropout, activation=h.activation))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -96,20 +97,6 @@ class LanguageModelingTask(L.LightningModule):
             fully_shard(block, mesh=data_parallel)
         fully_shard(self.model, mesh=data_parallel)
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Re-apply the checkpoint's strategy before its weights load (``load_from_checkpoint``)."""
-        config = checkpoint.get(CHECKPOINT_KEY)
-        if config is None or config == self.strategy.to_config():
-            return
-        if self._trainer is not None:
-            raise ValueError(f"the checkpoint was trained with {config['class_path']} {config['init_args']}, "
-                             f"but this task uses {self.strategy!r}")
-        self.strategy = strategy_from_config(config)
-        self.model = GPT(self.model.config)
-        self.strategy.apply(self)
-
-    def configure_callbacks(self) -> list[L.Callback]:
-        return [LowRankCallback(self.strategy)]
 
     def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch

@@ -19,7 +19,6 @@ from functools import partial
 from typing import Any, Literal
 
 import geoopt
-import lightning as L
 import torch
 import torch.nn.functional as F
 from geoopt import ManifoldParameter, ManifoldTensor
@@ -28,13 +27,12 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from lr_lightning.callbacks import LowRankCallback
-from lr_lightning.callbacks.lowrank import CHECKPOINT_KEY
 from lr_lightning.data.graphs import Graph
 from lr_lightning.models.gcn import GCN
 from lr_lightning.models.hyperbolic import HyboNet
 from lr_lightning.schedules import strategy_lr_scheduler, warmup_cosine
-from lr_lightning.strategies import FullRank, LowRankStrategy, strategy_from_config
+from lr_lightning.strategies import FullRank, LowRankStrategy
+from lr_lightning.tasks.base import StrategyTask
 
 Architecture = Literal["hybonet", "gcn"]
 ARCHITECTURES: tuple[str, ...] = ("hybonet", "gcn")
@@ -101,7 +99,7 @@ def margin_loss(logits: torch.Tensor, target: torch.Tensor, margin: float) -> to
     return F.relu(margin - logits.gather(1, target.unsqueeze(1)) + logits).mean()
 
 
-class NodeClassificationTask(L.LightningModule):
+class NodeClassificationTask(StrategyTask):
     """Classify the nodes of one graph (a :class:`lr_lightning.data.graphs.Graph` batch) with ``-log p(y_i | G)``
     or HyboNet's margin loss over the training nodes; accuracy and macro-F1 on validation and test nodes.
 
@@ -163,8 +161,7 @@ class NodeClassificationTask(L.LightningModule):
         self.save_hyperparameters(ignore=["strategy", "optimizer"])
         self.strategy = strategy if strategy is not None else FullRank()
         self.optimizer_factory = optimizer
-        self.model = self.build_model()
-        self.strategy.apply(self)
+        self.install_model()
         self.manifold_points = sum(is_manifold_point(p) for p in self.parameters())
         metrics = {"acc": partial(MulticlassAccuracy, average="micro"), "f1": partial(MulticlassF1Score, average="macro")}
         self.scores = nn.ModuleDict({f"{split}_{name}": make(num_classes=num_classes)
@@ -189,20 +186,6 @@ class NodeClassificationTask(L.LightningModule):
                 raise ValueError(f"the data has {name}={found} but the model was built with {flag}={expected}: "
                                  f"set --model.init_args.{flag} {found}")
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Re-apply the checkpoint's strategy before its weights load (``load_from_checkpoint``)."""
-        config = checkpoint.get(CHECKPOINT_KEY)
-        if config is None or config == self.strategy.to_config():
-            return
-        if self._trainer is not None:
-            raise ValueError(f"the checkpoint was trained with {config['class_path']} {config['init_args']}, "
-                             f"but this task uses {self.strategy!r}")
-        self.strategy = strategy_from_config(config)
-        self.model = self.build_model()
-        self.strategy.apply(self)
-
-    def configure_callbacks(self) -> list[L.Callback]:
-        return [LowRankCallback(self.strategy)]
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.hparams.loss == "margin":

@@ -1,0 +1,237 @@
+"""``TranslationTask``: an encoder-decoder transformer (fairseq2) trained with a low-rank strategy, scored by BLEU."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Literal
+
+import sacrebleu
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from fairseq2.generation.beam_search import BeamSearchSeq2SeqGenerator
+from fairseq2.nn import BatchLayout
+from lightning.pytorch.cli import OptimizerCallable
+
+from lr_lightning.data.translation import BOS, PAD, TranslationTokenizer
+from lr_lightning.models.seq2seq import build_transformer
+from lr_lightning.schedules import inverse_sqrt, strategy_lr_scheduler, warmup_cosine
+from lr_lightning.strategies import FullRank, LowRankStrategy
+from lr_lightning.tasks.base import StrategyTask
+
+Batch = dict[str, Any]
+
+
+def seq_lens(side: dict[str, Any]) -> list[int]:
+    """The unpadded lengths of a collated side (fairseq2 gives a tensor, or a list for uniform lengths)."""
+    lens = side["seq_lens"]
+    return lens.tolist() if torch.is_tensor(lens) else list(lens)
+
+
+def layout(side: dict[str, torch.Tensor]) -> tuple[torch.Tensor, BatchLayout]:
+    """A collated side (``seqs``, ``seq_lens``) as fairseq2's padded ``(seqs, BatchLayout)``."""
+    seqs = side["seqs"]
+    return seqs, BatchLayout(seqs.shape, seq_lens(side), device=seqs.device)
+
+
+def teacher_forcing(target: dict[str, torch.Tensor]) -> tuple[torch.Tensor, BatchLayout, torch.Tensor]:
+    """Decoder input ``<s> y`` with its layout, and the shifted targets ``y </s>`` (padding = ``PAD``)."""
+    seqs = target["seqs"]
+    inputs = seqs[:, :-1]
+    return inputs, BatchLayout(inputs.shape, [n - 1 for n in seq_lens(target)], device=seqs.device), seqs[:, 1:]
+
+
+class VocabularyLimit:
+    """fairseq2 step processor: never emit ids ``>= size`` (embedding rows beyond the tokenizer's vocabulary)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, seqs: torch.Tensor, probs: torch.Tensor, lprob: bool = False) -> None:
+        probs[:, self.size:] = -torch.inf if lprob else 0.0
+
+
+class TranslationTask(StrategyTask):
+    """Sequence-to-sequence translation; loss ``-(1/|y|) sum_t log p(y_t | y_<t, x)`` with label smoothing.
+
+    The model is fairseq2's pre-norm transformer (``models.seq2seq.build_transformer``): shared
+    source/target embedding tied to the output projection, sinusoidal positions. The strategy converts
+    its attention and FFN projections in ``__init__`` (names like ``model.encoder.layers.0.self_attn.q_proj``,
+    ``model.decoder.layers.2.ffn.inner_proj``). Validation and test report the label-smoothed loss, the
+    per-token NLL and detokenized corpus BLEU (sacrebleu) of fairseq2's beam search.
+
+    Args:
+        strategy: The low-rank method (default: ``FullRank()``).
+        optimizer: Optimizer factory called with the parameter groups (default: AdamW).
+        vocab_size: Embedding rows; at least the data module's SentencePiece vocabulary.
+        model_dim: Model width ``d``.
+        num_layers: Encoder layers and decoder layers (each).
+        num_heads: Attention heads.
+        ffn_dim: FFN inner width.
+        dropout: Dropout on attention and FFN outputs and embeddings.
+        max_seq_len: Longest source or target sequence (positions).
+        label_smoothing: Label-smoothing ``epsilon`` of the training loss.
+        schedule: ``inverse_sqrt`` (warmup, then ``sqrt(warmup / t)``) or ``cosine`` (warmup, cosine
+            to ``min_lr_ratio``), times the strategy's LR factor.
+        warmup_steps: Linear LR warmup steps.
+        min_lr_ratio: Final LR of the cosine schedule, relative to the peak.
+        beam_size: Beam width of validation and test decoding.
+        len_penalty: Beam search length penalty (``> 1`` favours longer outputs).
+        max_gen_len: Longest output as ``a * source length + b``, given as ``[a, b]``.
+        bleu_on_validation: Decode the validation set for BLEU at every validation (off: loss only).
+    """
+
+    def __init__(
+        self,
+        strategy: LowRankStrategy | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        vocab_size: int = 8000,
+        model_dim: int = 256,
+        num_layers: int = 3,
+        num_heads: int = 4,
+        ffn_dim: int = 1024,
+        dropout: float = 0.1,
+        max_seq_len: int = 256,
+        label_smoothing: float = 0.1,
+        schedule: Literal["inverse_sqrt", "cosine"] = "inverse_sqrt",
+        warmup_steps: int = 500,
+        min_lr_ratio: float = 0.1,
+        beam_size: int = 5,
+        len_penalty: float = 1.0,
+        max_gen_len: tuple[float, int] = (1.5, 10),
+        bleu_on_validation: bool = True,
+    ) -> None:
+        super().__init__()
+        if model_dim % num_heads:
+            raise ValueError(f"model_dim ({model_dim}) must be a multiple of num_heads ({num_heads})")
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if not 0 <= min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        if beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        self.save_hyperparameters(ignore=["strategy", "optimizer"])
+        self.strategy = strategy if strategy is not None else FullRank()
+        self.optimizer_factory = optimizer
+        self.install_model()
+        self.tokenizer: TranslationTokenizer | None = None
+        self._outputs: dict[str, list[tuple[str, str]]] = {"val": [], "test": []}
+
+    def build_model(self) -> torch.nn.Module:
+        h = self.hparams
+        return build_transformer(h.vocab_size, h.model_dim, h.num_layers, h.num_heads, h.ffn_dim, h.dropout,
+                                 h.max_seq_len, PAD)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        self.tokenizer = getattr(datamodule, "tokenizer", None) or self.tokenizer
+        if self.tokenizer is not None and self.tokenizer.vocab_size > self.hparams.vocab_size:
+            raise ValueError(f"model vocab_size={self.hparams.vocab_size} is smaller than the tokenizer's "
+                             f"vocabulary ({self.tokenizer.vocab_size}): set --model.init_args.vocab_size "
+                             f"{self.tokenizer.vocab_size}")
+        seq_len = getattr(datamodule, "max_seq_len", None)
+        if seq_len is not None and seq_len > self.hparams.max_seq_len:
+            raise ValueError(f"data max_seq_len={seq_len} exceeds the model's max_seq_len="
+                             f"{self.hparams.max_seq_len}: lower --data.init_args.max_seq_len or raise "
+                             f"--model.init_args.max_seq_len")
+
+
+    # ----------------------------------------------------------------------------- loss
+    def forward(self, source: torch.Tensor, source_layout: BatchLayout, target_in: torch.Tensor,
+                target_layout: BatchLayout) -> torch.Tensor:
+        """Logits of the next target token at every decoder position."""
+        return self.model(source, source_layout, target_in, target_layout)
+
+    def _losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, int]:
+        source, source_layout = layout(batch["source"])
+        target_in, target_layout, target_out = teacher_forcing(batch["target"])
+        logits = self(source, source_layout, target_in, target_layout).float().flatten(0, 1)
+        targets = target_out.flatten()
+        smoothed = F.cross_entropy(logits, targets, ignore_index=PAD, label_smoothing=self.hparams.label_smoothing)
+        nll = F.cross_entropy(logits, targets, ignore_index=PAD) if self.hparams.label_smoothing else smoothed
+        return smoothed, nll, int((targets != PAD).sum())
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss, _, tokens = self._losses(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=tokens)
+        return loss
+
+    # ----------------------------------------------------------------------------- decoding
+    def generator(self, beam_size: int | None = None) -> BeamSearchSeq2SeqGenerator:
+        """fairseq2's beam search over this model (puts the model in eval mode)."""
+        if self.tokenizer is None:
+            raise ValueError("decoding needs the data module's tokenizer: run through a Trainer with "
+                             "TranslationDataModule, or set task.tokenizer")
+        return BeamSearchSeq2SeqGenerator(self.model, self.tokenizer.vocab_info,
+                                          beam_size=beam_size or self.hparams.beam_size,
+                                          max_gen_len=tuple(self.hparams.max_gen_len),
+                                          len_penalty=self.hparams.len_penalty,
+                                          step_processors=[VocabularyLimit(self.tokenizer.vocab_size)])
+
+    @torch.no_grad()
+    def translate_tokens(self, source: torch.Tensor, source_layout: BatchLayout,
+                         beam_size: int | None = None) -> list[torch.Tensor]:
+        """The best hypothesis (token ids after ``<s>``, ending with ``</s>``) for every source sequence."""
+        prompt = torch.full((source.size(0), 1), BOS, dtype=source.dtype, device=source.device)
+        output = self.generator(beam_size)(source, source_layout, prompt,
+                                           BatchLayout(prompt.shape, [1] * source.size(0), device=source.device))
+        return [hypotheses[0].seq for hypotheses in output.hypotheses]
+
+    def translate(self, sources: list[str], beam_size: int | None = None) -> list[str]:
+        """Detokenized translations of ``sources`` (one batch)."""
+        if self.tokenizer is None:
+            raise ValueError("translate needs a tokenizer: set task.tokenizer (TranslationDataModule.tokenizer)")
+        encoded = [self.tokenizer.encode_source(s) for s in sources]
+        lens = [len(e) for e in encoded]
+        seqs = torch.full((len(encoded), max(lens)), PAD, dtype=torch.long, device=self.device)
+        for i, e in enumerate(encoded):
+            seqs[i, : len(e)] = e.to(self.device)
+        tokens = self.translate_tokens(seqs, BatchLayout(seqs.shape, lens, device=self.device), beam_size)
+        return [self.tokenizer.decode(t) for t in tokens]
+
+    # ----------------------------------------------------------------------------- evaluation
+    def _evaluate(self, batch: Batch, stage: str) -> None:
+        smoothed, nll, tokens = self._losses(batch)
+        self.log(f"{stage}/loss", smoothed, prog_bar=True, sync_dist=True, batch_size=tokens)
+        self.log(f"{stage}/nll", nll, sync_dist=True, batch_size=tokens)
+        if stage == "val" and not self.hparams.bleu_on_validation:
+            return
+        hypotheses = self.translate_tokens(*layout(batch["source"]))
+        self._outputs[stage] += [(self.tokenizer.decode(h), ref) for h, ref in zip(hypotheses, batch["reference"])]
+
+    def _log_bleu(self, stage: str) -> None:
+        pairs, self._outputs[stage] = self._outputs[stage], []
+        if dist.is_available() and dist.is_initialized():
+            gathered: list[list[tuple[str, str]]] = [[] for _ in range(dist.get_world_size())]
+            dist.all_gather_object(gathered, pairs)
+            pairs = [pair for part in gathered for pair in part]
+        if pairs:
+            hypotheses, references = zip(*pairs)
+            bleu = sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score
+            self.log(f"{stage}/bleu", bleu, prog_bar=True, sync_dist=True)  # equal on every process
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_bleu("val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_bleu("test")
+
+    # ----------------------------------------------------------------------------- optimization
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.strategy.wrap_optimizer(self.optimizer_factory(self.strategy.param_groups(self)), self)
+        if self.hparams.schedule == "inverse_sqrt":
+            base = partial(inverse_sqrt, warmup_steps=self.hparams.warmup_steps)
+        else:
+            base = partial(warmup_cosine, warmup_steps=self.hparams.warmup_steps,
+                           total_steps=int(self.trainer.estimated_stepping_batches),
+                           min_lr_ratio=self.hparams.min_lr_ratio)
+        scheduler = strategy_lr_scheduler(optimizer, self.strategy, base)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
