@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
+import sys
 import time
 from pathlib import Path
 
-import matplotlib
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
+from bench.common import markdown_table, optimizer_state_numel, plot_curves  # noqa: E402
 from lr_lightning.cli import run_cli  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "lm"
@@ -39,8 +38,7 @@ def run(name: str, max_steps: int, out: Path, extra: list[str]) -> dict:
     rows = list(csv.DictReader(Path(cli.trainer.logger.log_dir, "metrics.csv").open()))
     curve = [(int(r["step"]), float(r["val/loss"])) for r in rows if r.get("val/loss")]
     report = cli.model.strategy.report(cli.model)
-    state = sum(t.numel() for opt in cli.trainer.optimizers for s in opt.state.values()
-                for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+    state = optimizer_state_numel(cli.trainer.optimizers)
     return {"name": name, "val_loss": curve[-1][1], "trainable": report.model_trainable,
             "total": report.model_total, "state": state, "seconds": seconds, "curve": curve}
 
@@ -54,22 +52,15 @@ def main() -> None:
     extra = [a for a in extra if a != "--"]
     results = [run(name, args.max_steps, args.out, extra) for name in args.only]
 
-    lines = ["| strategy | val loss | val ppl (per token) | trainable params | optimizer state | wall time |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['name']} | {r['val_loss']:.3f} | {torch.tensor(r['val_loss']).exp():.2f} | "
-              f"{r['trainable']:,} / {r['total']:,} | {r['state']:,} | {r['seconds']:.0f} s |" for r in results]
-    table = "\n".join(lines)
+    header = ("strategy", "val loss", "val ppl (per token)", "trainable params", "optimizer state", "wall time")
+    table = markdown_table(header, [(r["name"], f"{r['val_loss']:.3f}", f"{math.exp(r['val_loss']):.2f}",
+                                     f"{r['trainable']:,} / {r['total']:,}", f"{r['state']:,}",
+                                     f"{r['seconds']:.0f} s") for r in results])
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "lm_baselines.md").write_text(table + "\n")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in results:
-        ax.plot(*zip(*r["curve"]), marker="o", label=r["name"])
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out / "lm_baselines.png", dpi=120)
+    plot_curves({r["name"]: r["curve"] for r in results}, "optimizer step", "validation loss",
+                args.out / "lm_baselines.png")
     print(f"wrote {args.out / 'lm_baselines.md'} and {args.out / 'lm_baselines.png'}")
 
 
