@@ -2,25 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
+import torch
 from torch import nn
 
 from lr_lightning.callbacks import LowRankCallback
 from lr_lightning.callbacks.lowrank import CHECKPOINT_KEY
-from lr_lightning.strategies import LowRankStrategy, strategy_from_config
+from lr_lightning.strategies import FullRank, LowRankStrategy, strategy_from_config
 
 
 class StrategyTask(L.LightningModule):
     """A LightningModule whose ``self.model`` (from :meth:`build_model`) is converted by ``self.strategy``.
 
-    Subclasses build the model from their hyperparameters in :meth:`build_model` and call
-    :meth:`install_model` in ``__init__``; the base class runs the strategy's :class:`LowRankCallback`
-    and re-applies a checkpoint's strategy in ``load_from_checkpoint``.
+    Subclasses call ``super().__init__(strategy, optimizer, warmup_steps, min_lr_ratio)``, save their
+    hyperparameters, then call :meth:`install_model`, which converts what :meth:`build_model` returns.
+    The base class runs the strategy's :class:`LowRankCallback` and re-applies a checkpoint's strategy
+    in ``load_from_checkpoint``.
     """
 
-    strategy: LowRankStrategy
+    def __init__(self, strategy: LowRankStrategy | None, optimizer: Callable[..., torch.optim.Optimizer],
+                 warmup_steps: int, min_lr_ratio: float) -> None:
+        super().__init__()
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if not 0 <= min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        self.strategy = strategy if strategy is not None else FullRank()
+        self.optimizer_factory = optimizer
 
     def build_model(self) -> nn.Module:
         """A fresh, unconverted model from ``self.hparams``."""

@@ -13,7 +13,7 @@ from torchmetrics.text import Perplexity
 
 from lr_lightning.models import GPT, GPTConfig
 from lr_lightning.schedules import strategy_lr_scheduler, warmup_cosine
-from lr_lightning.strategies import FullRank, LowRankStrategy
+from lr_lightning.strategies import LowRankStrategy
 from lr_lightning.tasks.base import StrategyTask
 
 
@@ -57,14 +57,8 @@ class LanguageModelingTask(StrategyTask):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
     ) -> None:
-        super().__init__()
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if not 0 <= min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        super().__init__(strategy, optimizer, warmup_steps, min_lr_ratio)
         self.save_hyperparameters(ignore=["strategy", "optimizer"])
-        self.strategy = strategy if strategy is not None else FullRank()
-        self.optimizer_factory = optimizer
         self.install_model()
         self.val_ppl = Perplexity()
         self.test_ppl = Perplexity()

@@ -31,7 +31,7 @@ from lr_lightning.data.graphs import Graph
 from lr_lightning.models.gcn import GCN
 from lr_lightning.models.hyperbolic import HyboNet
 from lr_lightning.schedules import strategy_lr_scheduler, warmup_cosine
-from lr_lightning.strategies import FullRank, LowRankStrategy
+from lr_lightning.strategies import LowRankStrategy
 from lr_lightning.tasks.base import StrategyTask
 
 Architecture = Literal["hybonet", "gcn"]
@@ -144,7 +144,7 @@ class NodeClassificationTask(StrategyTask):
         warmup_steps: int = 0,
         min_lr_ratio: float = 1.0,
     ) -> None:
-        super().__init__()
+        super().__init__(strategy, optimizer, warmup_steps, min_lr_ratio)
         if architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
         if loss not in LOSSES:
@@ -154,13 +154,7 @@ class NodeClassificationTask(StrategyTask):
                 raise ValueError(f"{name} must be >= {2 if name == 'num_classes' else 1}, got {value}")
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if not 0 <= min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         self.save_hyperparameters(ignore=["strategy", "optimizer"])
-        self.strategy = strategy if strategy is not None else FullRank()
-        self.optimizer_factory = optimizer
         self.install_model()
         self.manifold_points = sum(is_manifold_point(p) for p in self.parameters())
         metrics = {"acc": partial(MulticlassAccuracy, average="micro"), "f1": partial(MulticlassF1Score, average="macro")}

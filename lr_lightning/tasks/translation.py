@@ -16,7 +16,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lr_lightning.data.translation import BOS, PAD, TranslationTokenizer
 from lr_lightning.models.seq2seq import build_transformer
 from lr_lightning.schedules import inverse_sqrt, strategy_lr_scheduler, warmup_cosine
-from lr_lightning.strategies import FullRank, LowRankStrategy
+from lr_lightning.strategies import LowRankStrategy
 from lr_lightning.tasks.base import StrategyTask
 
 Batch = dict[str, Any]
@@ -101,20 +101,14 @@ class TranslationTask(StrategyTask):
         max_gen_len: tuple[float, int] = (1.5, 10),
         bleu_on_validation: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(strategy, optimizer, warmup_steps, min_lr_ratio)
         if model_dim % num_heads:
             raise ValueError(f"model_dim ({model_dim}) must be a multiple of num_heads ({num_heads})")
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if not 0 <= min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
         self.save_hyperparameters(ignore=["strategy", "optimizer"])
-        self.strategy = strategy if strategy is not None else FullRank()
-        self.optimizer_factory = optimizer
         self.install_model()
         self.tokenizer: TranslationTokenizer | None = None
         self._outputs: dict[str, list[tuple[str, str]]] = {"val": [], "test": []}
