@@ -115,14 +115,16 @@ class TranslationTokenizer:
 
     def decode(self, tokens: torch.Tensor) -> str:
         """Detokenized text of ``tokens``, control symbols (``<s>``, ``</s>``, padding) removed."""
-        return self._decode(tokens[tokens > EOS].cpu())
+        keep = (tokens != PAD) & (tokens != BOS) & (tokens != EOS)
+        return self._decode(tokens[keep].cpu())
 
 
 class TokenBatches(IterableDataset):
     """One epoch of padded batches per iteration, from fairseq2's pipeline; reshuffled every epoch.
 
     Each example is ``{"source", "target", "reference"}``; a batch is the collated dict (``seqs``,
-    ``seq_lens`` per side, ``reference`` strings). With ``shuffle`` the epoch ``e`` uses seed ``seed + e``.
+    ``seq_lens`` per side, ``reference`` strings). With ``shuffle`` the epoch ``e`` uses seed ``seed + e``;
+    without, every epoch is the same one, built once.
     """
 
     def __init__(self, examples: list[dict[str, Any]], max_tokens: int, max_seq_len: int,
@@ -130,9 +132,17 @@ class TokenBatches(IterableDataset):
         self.examples, self.shuffle, self.seed = examples, shuffle, seed
         self.bucket_sizes = create_bucket_sizes(max_num_elements=max_tokens, max_seq_len=max_seq_len)
         self.epoch, self.rank, self.world_size = 0, 0, 1
+        self._built: tuple[int, list[dict[str, Any]]] | None = None
         self._length = len(self._epoch_batches(0))
 
     def _epoch_batches(self, epoch: int) -> list[dict[str, Any]]:
+        """The batches of ``epoch``; the last epoch built is kept, so it is not built twice."""
+        key = epoch if self.shuffle else 0
+        if self._built is None or self._built[0] != key:
+            self._built = (key, self._build(key))
+        return self._built[1]
+
+    def _build(self, epoch: int) -> list[dict[str, Any]]:
         builder = read_sequence(self.examples)
         if self.shuffle:
             builder = builder.shuffle(0, seed=self.seed + epoch)

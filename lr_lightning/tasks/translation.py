@@ -9,6 +9,7 @@ import sacrebleu
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from fairseq2.data.data_pipeline import Collater
 from fairseq2.generation.beam_search import BeamSearchSeq2SeqGenerator
 from fairseq2.nn import BatchLayout
 from lightning.pytorch.cli import OptimizerCallable
@@ -138,17 +139,20 @@ class TranslationTask(StrategyTask):
         """Logits of the next target token at every decoder position."""
         return self.model(source, source_layout, target_in, target_layout)
 
-    def _losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _logits(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Flattened next-token logits, their targets (``PAD`` where padded) and the count of real targets."""
         source, source_layout = layout(batch["source"])
         target_in, target_layout, target_out = teacher_forcing(batch["target"])
         logits = self(source, source_layout, target_in, target_layout).float().flatten(0, 1)
         targets = target_out.flatten()
-        smoothed = F.cross_entropy(logits, targets, ignore_index=PAD, label_smoothing=self.hparams.label_smoothing)
-        nll = F.cross_entropy(logits, targets, ignore_index=PAD) if self.hparams.label_smoothing else smoothed
-        return smoothed, nll, int((targets != PAD).sum())
+        return logits, targets, int((targets != PAD).sum())
+
+    def _smoothed_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, targets, ignore_index=PAD, label_smoothing=self.hparams.label_smoothing)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        loss, _, tokens = self._losses(batch)
+        logits, targets, tokens = self._logits(batch)
+        loss = self._smoothed_loss(logits, targets)
         self.log("train/loss", loss, prog_bar=True, batch_size=tokens)
         return loss
 
@@ -177,17 +181,15 @@ class TranslationTask(StrategyTask):
         """Detokenized translations of ``sources`` (one batch)."""
         if self.tokenizer is None:
             raise ValueError("translate needs a tokenizer: set task.tokenizer (TranslationDataModule.tokenizer)")
-        encoded = [self.tokenizer.encode_source(s) for s in sources]
-        lens = [len(e) for e in encoded]
-        seqs = torch.full((len(encoded), max(lens)), PAD, dtype=torch.long, device=self.device)
-        for i, e in enumerate(encoded):
-            seqs[i, : len(e)] = e.to(self.device)
-        tokens = self.translate_tokens(seqs, BatchLayout(seqs.shape, lens, device=self.device), beam_size)
+        batch = Collater(pad_value=PAD)([self.tokenizer.encode_source(s) for s in sources])
+        tokens = self.translate_tokens(*layout({**batch, "seqs": batch["seqs"].to(self.device)}), beam_size)
         return [self.tokenizer.decode(t) for t in tokens]
 
     # ----------------------------------------------------------------------------- evaluation
     def _evaluate(self, batch: Batch, stage: str) -> None:
-        smoothed, nll, tokens = self._losses(batch)
+        logits, targets, tokens = self._logits(batch)
+        smoothed = self._smoothed_loss(logits, targets)
+        nll = F.cross_entropy(logits, targets, ignore_index=PAD) if self.hparams.label_smoothing else smoothed
         self.log(f"{stage}/loss", smoothed, prog_bar=True, sync_dist=True, batch_size=tokens)
         self.log(f"{stage}/nll", nll, sync_dist=True, batch_size=tokens)
         if stage == "val" and not self.hparams.bleu_on_validation:

@@ -8,7 +8,6 @@ import lightning as L
 import pytest
 import sacrebleu
 import torch
-from torch import nn
 
 from lr_lightning.data.reordering_corpus import make_lexicon, write_reordering_corpus
 from lr_lightning.data.translation import BOS, EOS, TranslationDataModule
@@ -114,6 +113,14 @@ def test_bleu_on_the_generated_corpus_shows_the_reordering_was_learned(trained):
                                          [[t for _, t in pairs]]).score
     # A perfect lexicon without reordering scores ~25; 60 needs most sentences in the target order.
     assert word_by_word < 30 < 60 < bleu, (word_by_word, bleu)
+
+
+def test_translate_turns_raw_source_sentences_into_their_references(trained):
+    task, data, _ = trained
+    pairs = data.read_splits()["test"][:12]
+    translations = task.translate([src for src, _ in pairs])
+    assert len(translations) == len(pairs)
+    assert sum(hyp == ref for hyp, (_, ref) in zip(translations, pairs)) >= 9, list(zip(translations, pairs))
 
 
 def greedy(task: TranslationTask, source: torch.Tensor, source_layout, max_len: int) -> list[list[int]]:
