@@ -12,6 +12,7 @@ parameters, wall time) and a PNG of test accuracy per strategy and dataset. Extr
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +23,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import markdown_table  # noqa: E402
 from lr_lightning.cli import run_cli  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "node"
@@ -80,19 +84,19 @@ def main() -> None:
     runs = [run(name, dataset, args.rank, seed, extra)
             for dataset in args.datasets for name in args.only for seed in args.seeds]
 
-    lines = ["| dataset | strategy | test acc | test macro-F1 | best val acc | trainable / total params | wall time |",
-             "|---|---|---|---|---|---|---|"]
+    rows = []
     summary: dict[tuple[str, str], float] = {}
     for dataset in args.datasets:
         for name in args.only:
-            rows = [r for r in runs if r["dataset"] == dataset and r["name"] == name]
-            acc, f1, val = (np.array([r[k] for r in rows]) * 100 for k in ("acc", "f1", "val"))
-            spread = (lambda a: f" ± {a.std():.1f}") if len(rows) > 1 else (lambda a: "")
+            runs_of = [r for r in runs if r["dataset"] == dataset and r["name"] == name]
+            acc, f1, val = (np.array([r[k] for r in runs_of]) * 100 for k in ("acc", "f1", "val"))
+            spread = (lambda a: f" ± {a.std():.1f}") if len(runs_of) > 1 else (lambda a: "")
             summary[dataset, name] = acc.mean()
-            lines.append(f"| {dataset} | {name} | {acc.mean():.1f}{spread(acc)} | {f1.mean():.1f}{spread(f1)} | "
-                         f"{val.mean():.1f} | {rows[0]['trainable']:,} / {rows[0]['total']:,} | "
-                         f"{np.mean([r['seconds'] for r in rows]):.0f} s |")
-    table = "\n".join(lines)
+            rows.append((dataset, name, f"{acc.mean():.1f}{spread(acc)}", f"{f1.mean():.1f}{spread(f1)}",
+                         f"{val.mean():.1f}", f"{runs_of[0]['trainable']:,} / {runs_of[0]['total']:,}",
+                         f"{np.mean([r['seconds'] for r in runs_of]):.0f} s"))
+    table = markdown_table(("dataset", "strategy", "test acc", "test macro-F1", "best val acc",
+                            "trainable / total params", "wall time"), rows)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "node_quality.md").write_text(table + "\n")
