@@ -48,12 +48,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine_summary, markdown_table  # noqa: E402
-from lr_lightning.callbacks.lowrank import apply_edits_  # noqa: E402
+from lr_lightning.callbacks.lowrank import apply_edits_, shrink_  # noqa: E402
 from lr_lightning.layers import IncrementalLinear, SpectralLinear, SVDLinear  # noqa: E402
 from lr_lightning.optim import StateReset  # noqa: E402
 from lr_lightning.strategies import SST, TDLRT, FullRank, InRank, LowRankStrategy, ReLoRA, SVDTraining  # noqa: E402
 
-LAYERS = ("dense", "lora", "sst", "inrank", "tdlrt", "svd")
+LAYERS = ("dense", "lora", "sst", "inrank", "inrank2", "reference", "tdlrt", "svd")
 PLAIN_STEP = 1
 """Step index passed to the per-step hooks while timing: no strategy runs a periodic operation there."""
 
@@ -80,7 +80,8 @@ def factor_flops(tokens: int, m: int, n: int, rank: int) -> int:
 
 
 def tucker_flops(tokens: int, m: int, n: int, rank: int) -> int:
-    """``6 T r (m + n + r)``: ``U S V^T`` with an ``r x r`` core."""
+    """``6 T r (m + n + r)``: ``U S V^T`` with an ``r x r`` core; the cheap step computes the bases' gradients
+    too (the augmentation reads them and DDP reduces them), though it only steps the core."""
     return 6 * tokens * rank * (m + n + rank)
 
 
@@ -111,18 +112,41 @@ def _inrank(rank: int) -> InRank:
     return InRank(init_rank=rank - buffer, buffer=buffer, switch_epoch=None, target_modules=["proj"])
 
 
+def _inrank_stage2(rank: int) -> InRank:
+    return InRank(init_rank=rank, buffer=1, switch_epoch=None, target_modules=["proj"])
+
+
+class ReferenceFactors(LowRankStrategy):
+    """The released InRank code's stage-2 layer (``resize`` to rank ``r``): ``Linear(n, r, no bias)``, ``Linear(r, m)``.
+
+    A plain baseline for ``inrank2``: the same function class with nothing of ours around it.
+    """
+
+    def __init__(self, rank: int, target_modules: list[str] | None = None) -> None:
+        super().__init__(target_modules)
+        self.rank = rank
+
+    def convert(self, name: str, module: nn.Module, index: int) -> nn.Module:
+        m, n = module.weight.shape
+        return nn.Sequential(nn.Linear(n, self.rank, bias=False), nn.Linear(self.rank, m))
+
+
 KINDS: dict[str, LayerKind] = {
     "dense": LayerKind("dense", lambda r: FullRank(target_modules=["proj"]), lambda t, m, n, r: dense_flops(t, m, n),
                        ranked=False),
     "lora": LayerKind("lora", lambda r: ReLoRA(rank=r, target_modules=["proj"]), lora_flops),
     "sst": LayerKind("sst", lambda r: SST(rank=r, target_modules=["proj"]), sst_flops),
     "inrank": LayerKind("inrank", _inrank, factor_flops),
+    "inrank2": LayerKind("inrank2", _inrank_stage2, factor_flops),
+    "reference": LayerKind("reference", lambda r: ReferenceFactors(r, target_modules=["proj"]), factor_flops),
     "tdlrt": LayerKind("tdlrt", lambda r: TDLRT(init_rank=r, max_rank=r, target_modules=["proj"]), tucker_flops),
     "svd": LayerKind("svd", lambda r: SVDTraining(init="random", target_modules=["proj"]), factor_flops),
 }
 """Each strategy at its default schedule; ``lora`` is timed with ReLoRA's defaults (same layer, plus merges).
-SVD training starts at full rank; its ranked cases are the layer pruned to ``r`` (``init="random"``,
-the paper's init, spares an SVD per case; the timed prune still runs one)."""
+SVD training starts at full rank; its ranked cases are the layer pruned to ``r`` and shrunk to it
+(``init="random"``, the paper's init, spares an SVD per case; the timed prune still runs one).
+``inrank`` is stage 1 (``r`` plus a buffer inside the capacity), ``inrank2`` stage 2 (after the switch,
+shrunk to ``r``), ``reference`` the released InRank code's stage-2 layer, two plain ``nn.Linear``."""
 
 
 def active_rank(layer: nn.Module) -> int:
@@ -131,6 +155,8 @@ def active_rank(layer: nn.Module) -> int:
         return layer.active_rank
     if isinstance(layer, nn.Linear):
         return min(layer.weight.shape)
+    if isinstance(layer, nn.Sequential):
+        return layer[0].out_features
     return layer.rank
 
 
@@ -328,11 +354,20 @@ class CaseResult:
     ops: list[PeriodicOp] = field(default_factory=list)
 
 
-def prune_to(layer: SVDLinear, rank: int) -> None:
-    """Keep the ``rank`` largest ``|s|`` (SVD training's state after a prune to that rank)."""
+def prune_to(trainee: Trainee, rank: int) -> None:
+    """Keep the ``rank`` largest ``|s|`` and shrink to them (SVD training's state after a prune to that rank)."""
+    layer: SVDLinear = trainee.layer
     keep = torch.zeros_like(layer.active)
     keep[layer.s.detach().abs().argsort(descending=True)[:rank]] = True
     layer.prune_(keep)
+    trainee.strategy.stage = "finetune"
+    shrink_(trainee.strategy, trainee.model, [trainee.optimizer])
+
+
+def switch(trainee: Trainee) -> None:
+    """InRank's switch to stage 2, shrinking the layer to its rank."""
+    apply_edits_([trainee.optimizer], trainee.strategy.switch(trainee.model))
+    shrink_(trainee.strategy, trainee.model, [trainee.optimizer])
 
 
 def run_case(kind: LayerKind, m: int, n: int, rank: int, tokens: int, repeats: int, device: torch.device,
@@ -340,7 +375,9 @@ def run_case(kind: LayerKind, m: int, n: int, rank: int, tokens: int, repeats: i
     """Build, time and (``with_ops``) time the periodic operations of one case."""
     trainee = make_trainee(kind, m, n, rank, tokens, device)
     if kind.name == "svd" and rank < min(m, n):
-        prune_to(trainee.layer, rank)
+        prune_to(trainee, rank)
+    if kind.name == "inrank2":
+        switch(trainee)
     timing = time_steps(trainee, repeats, device)
     r = active_rank(trainee.layer)
     ops = periodic_ops(kind.name, trainee, repeats, device) if with_ops else []

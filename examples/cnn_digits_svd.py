@@ -109,7 +109,7 @@ def main() -> None:
     print(f"test accuracy before pruning: {before.history[last]:.4f}")
     print(f"test accuracy right after pruning: {after.history[last]:.4f}")
     print(f"test accuracy after fine-tuning: {accuracy(model, test):.4f}")
-    ranks = ", ".join(f"{name} {layer.rank}/{layer.capacity}" for name, layer in strategy.svd_layers(model))
+    ranks = ", ".join(f"{name} {layer.rank}/{min(layer.matrix_shape)}" for name, layer in strategy.svd_layers(model))
     print(f"ranks (kept / full): {ranks}")
     compact = strategy.export(model)
     compact_params = sum(p.numel() for p in compact.parameters())

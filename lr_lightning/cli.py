@@ -13,6 +13,7 @@ from lightning.pytorch.cli import LightningCLI
 
 import lr_lightning.data  # noqa: F401  (registers the datamodules' short class names)
 import lr_lightning.tasks  # noqa: F401  (registers the tasks' short class names)
+from lr_lightning.callbacks.lowrank import stage_two_checkpoint
 from lr_lightning.strategies import LowRankStrategy
 
 STRATEGY_FLAGS = ("--model.strategy", "--model.init_args.strategy")
@@ -54,6 +55,13 @@ class LowRankCLI(LightningCLI):
         check_strategy_flag(list(sys.argv[1:] if args is None else args))
         super().parse_arguments(parser, args)
 
+    def before_fit(self) -> None:
+        """Hand ``--ckpt_path`` to the trainer before ``fit`` runs, so ``LowRankCallback.setup`` can allocate
+        layers shrunk in that checkpoint at their capacities before an FSDP2 wrap."""
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path"):
+            self.trainer.ckpt_path, config["ckpt_path"] = config["ckpt_path"], None
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
@@ -70,8 +78,12 @@ def run_cli(args: list[str] | None = None, **kwargs: Any) -> LowRankCLI:
 
 
 def main(args: list[str] | None = None) -> None:
-    """The ``lr-lightning`` console script."""
-    run_cli(args)
+    """The ``lr-lightning`` console script. A distributed ``fit`` that stops at a shrink (SVD training's
+    prune, InRank's switch) goes on as stage 2 from the checkpoint saved there, at the new shapes."""
+    args = list(sys.argv[1:] if args is None else args)
+    cli = run_cli(args)
+    while cli.subcommand == "fit" and (checkpoint := stage_two_checkpoint(cli.trainer)) is not None:
+        cli = run_cli([*args, "--ckpt_path", checkpoint])
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch
 from torch.optim import Optimizer
 
 from lr_lightning.layers.tensors import full_tensor, write_full_
-from lr_lightning.layers.tucker import mode_product
+from lr_lightning.layers.tucker import compute_dtype, mode_product
 
 FIRST_MOMENTS = frozenset({"exp_avg", "momentum_buffer"})
 """State entries transported as ``m <- m x_i A_i`` (Adam's ``m``, SGD's momentum)."""
@@ -66,14 +66,20 @@ class CoreMomentTransport:
         result = torch.zeros_like(moment)
         if key not in FIRST_MOMENTS | SECOND_MOMENTS:
             return result
-        block = moment[tuple(slice(0, r) for r in self.old_ranks)].to(torch.float64)
+        block = moment[tuple(slice(0, r) for r in self.old_ranks)].to(compute_dtype(moment.dtype))
         if key in SECOND_MOMENTS:
             block = block.clamp_min(0).sqrt()
         with torch.autocast(moment.device.type, enabled=False):
             for mode, matrix in enumerate(self.maps):
-                if matrix is not None:
+                if matrix is not None and not is_padding(matrix):
                     block = mode_product(block, matrix.to(block), mode)
         if key in SECOND_MOMENTS:
             block = block.square()
-        result[tuple(slice(0, r) for r in self.new_ranks)] = block.to(moment.dtype)
+        result[tuple(slice(0, n) for n in block.shape)] = block.to(moment.dtype)
         return result
+
+
+def is_padding(matrix: torch.Tensor) -> bool:
+    """Whether ``A = [I; 0]`` (an augmentation's ``U_new^T U_old``): then ``x_i A`` only pads with zeros."""
+    return matrix.shape[0] >= matrix.shape[1] and torch.equal(
+        matrix, torch.eye(*matrix.shape, dtype=matrix.dtype, device=matrix.device))

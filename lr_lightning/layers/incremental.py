@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lr_lightning.layers.base import LowRankLayer
+from lr_lightning.layers.base import LowRankLayer, ParamMove
 from lr_lightning.layers.tensors import full_tensor, write_full_
 
 
@@ -114,7 +114,8 @@ class IncrementalLinear(LowRankLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.active_rank
-        out = F.linear(F.linear(x, self.A[:k]), self.B[:, :k], self.bias)
+        a, b = (self.A, self.B) if k == self.capacity else (self.A[:k], self.B[:, :k])
+        out = F.linear(F.linear(x, a), b, self.bias)
         return out + F.linear(x, self.weight) if self.weight is not None else out
 
     def update_weight(self) -> torch.Tensor:
@@ -132,8 +133,9 @@ class IncrementalLinear(LowRankLayer):
 
         ``B = Q_b R_b`` and ``Aᵀ = Q_a R_a`` (QR), so ``B A = Q_b (R_b R_aᵀ) Q_aᵀ`` has the singular
         values of the ``k x k`` matrix ``R_b R_aᵀ``: O((m + n) k² + k³) instead of O(m n min(m, n)).
+        Only the triangular factors are formed (``Q_b``, ``Q_a`` are not needed here).
         """
-        _, core, _ = self._reduced_factors()
+        _, core, _ = self._reduced_factors(with_bases=False)
         with torch.autocast(core.device.type, enabled=False):
             return torch.linalg.svdvals(core)
 
@@ -183,15 +185,45 @@ class IncrementalLinear(LowRankLayer):
         self.current_rank.fill_(rank)
         self.buffer_size.fill_(0)
 
-    def _reduced_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(Q_b, R_b R_aᵀ, Q_a)`` in float32 with ``B A = Q_b (R_b R_aᵀ) Q_aᵀ`` over the active columns."""
+    @torch.no_grad()
+    def shrink_(self) -> list[ParamMove]:
+        """``A <- A[:k]``, ``B <- B[:, :k]`` (``k = r + buffer``) as new Parameters: capacity becomes ``k``.
+
+        After :meth:`truncate_` (buffer 0) the layer holds, trains and stores exactly ``r (m + n)`` factor entries.
+        """
+        k = self.active_rank
+        moves = []
+        for name, index in (("A", (slice(0, k),)), ("B", (slice(None), slice(0, k)))):
+            old = getattr(self, name)
+            new = nn.Parameter(full_tensor(old).detach()[index].clone(), requires_grad=old.requires_grad)
+            setattr(self, name, new)
+            moves.append(ParamMove(old, new, index))
+        return moves
+
+    def resize_(self, capacity: int) -> None:
+        if not 1 <= capacity <= min(self.in_features, self.out_features):
+            raise ValueError(f"capacity must be in 1..{min(self.in_features, self.out_features)} (min(m, n)), "
+                             f"got {capacity}")
+        kw = {"device": self.A.device, "dtype": self.A.dtype}
+        self.A = nn.Parameter(torch.zeros(capacity, self.in_features, **kw))
+        self.B = nn.Parameter(torch.zeros(self.out_features, capacity, **kw))
+
+    def saved_capacity(self, state_dict: dict[str, torch.Tensor], prefix: str) -> int | None:
+        a = state_dict.get(prefix + "A")
+        return None if a is None else a.shape[0]
+
+    def _reduced_factors(self, with_bases: bool = True
+                         ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """``(Q_b, R_b R_aᵀ, Q_a)`` in float32 with ``B A = Q_b (R_b R_aᵀ) Q_aᵀ`` over the active columns
+        (``Q_b``, ``Q_a`` are ``None`` without ``with_bases``)."""
         k = self.active_rank
         b = full_tensor(self.B).detach()[:, :k].float()
         a = full_tensor(self.A).detach()[:k].float()
+        mode = "reduced" if with_bases else "r"
         with torch.autocast(b.device.type, enabled=False):
-            q_b, r_b = torch.linalg.qr(b)
-            q_a, r_a = torch.linalg.qr(a.T)
-            return q_b, r_b @ r_a.T, q_a
+            q_b, r_b = torch.linalg.qr(b, mode=mode)
+            q_a, r_a = torch.linalg.qr(a.T, mode=mode)
+            return (q_b, r_b @ r_a.T, q_a) if with_bases else (None, r_b @ r_a.T, None)
 
     def export(self) -> nn.Module:
         """``nn.Linear`` with ``W0 + B A`` merged (general InRank), else ``Linear(n, k) -> Linear(k, m)``."""

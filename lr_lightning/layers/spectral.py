@@ -12,29 +12,36 @@ from lr_lightning.layers.linalg import sign_fixed_svd
 from lr_lightning.layers.tensors import full_tensor, local_tensor, write_full_
 
 
+def _with_active(basis: torch.Tensor, columns: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """A fresh copy of ``basis`` in the dtype of ``columns``, with its columns ``active`` replaced by ``columns``."""
+    return basis.to(columns.dtype, copy=True).index_copy_(1, active, columns)
+
+
 class _SpectralMatmul(torch.autograd.Function):
     """``y = ((x V) * s) U^T`` with weight gradients only for the active columns of ``U`` and ``V``.
 
-    With ``G = g^T x`` the weight gradient: ``dL/ds_i = u_i^T G v_i`` for every ``i``; for active ``i``
-    ``dU_i = G v_i`` and ``dV_i = G^T u_i``, times ``s_i`` unless ``enhanced`` (SST's enhanced gradient).
-    Frozen columns get none, so backward costs ``O(T r (m + n))`` for the weights, not ``O(T m n)``.
+    ``U`` and ``V`` are the buffers with the active columns ``U_active``, ``V_active`` in place of
+    theirs. With ``G = g^T x`` the weight gradient: ``dL/ds_i = u_i^T G v_i`` for every ``i``; for
+    active ``i`` ``dU_i = G v_i`` and ``dV_i = G^T u_i``, times ``s_i`` unless ``enhanced`` (SST's
+    enhanced gradient). Frozen columns get none, so backward costs ``O(T r (m + n))`` for the
+    weights, not ``O(T m n)``. For backward it keeps ``x``, ``x V``, ``s``, the active columns and the
+    buffers themselves (no copies): ``O(T (m + n) + r (m + n))`` numbers; the bases with the active
+    columns in place are rebuilt where they are used and dropped right after.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, u_active: torch.Tensor, v_active: torch.Tensor, s: torch.Tensor,
                 u: torch.Tensor, v: torch.Tensor, active: torch.Tensor, enhanced: bool) -> torch.Tensor:
-        u_eff = u.index_copy(1, active, u_active)
-        v_eff = v.index_copy(1, active, v_active)
-        xv = x @ v_eff
-        ctx.save_for_backward(x, xv, s, u_eff, v_eff, active)
+        xv = x @ _with_active(v, v_active, active)
+        ctx.save_for_backward(x, xv, s, u_active, v_active, u, v, active)
         ctx.enhanced = enhanced
-        return (xv * s) @ u_eff.mT
+        return (xv * s) @ _with_active(u, u_active, active).mT
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, xv, s, u_eff, v_eff, active = ctx.saved_tensors
-        gu = grad @ u_eff
-        grad_x = (gu * s) @ v_eff.mT if ctx.needs_input_grad[0] else None
+        x, xv, s, u_active, v_active, u, v, active = ctx.saved_tensors
+        gu = grad @ _with_active(u, u_active, active)
+        grad_x = (gu * s) @ _with_active(v, v_active, active).mT if ctx.needs_input_grad[0] else None
         flat_g, flat_x = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
         flat_xv, flat_gu = xv.reshape(-1, xv.shape[-1]), gu.reshape(-1, gu.shape[-1])
         grad_s = (flat_xv * flat_gu).sum(0)
@@ -103,8 +110,7 @@ class SpectralLinear(LowRankLayer):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         with torch.autocast(x.device.type, enabled=False):
             y = _SpectralMatmul.apply(x.to(dtype), self.U_active.to(dtype), self.V_active.to(dtype),
-                                      self.s.to(dtype), self.U.to(dtype), self.V.to(dtype), self.active,
-                                      self.enhanced_gradient)
+                                      self.s.to(dtype), self.U, self.V, self.active, self.enhanced_gradient)
             return y + self.bias.to(dtype) if self.bias is not None else y
 
     def bases(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,8 @@
 nothing forces ``N`` and ``C`` to be orthonormal except the strategy's regularizer. Pruning masks
 singular values: a boolean buffer ``active`` marks the kept ones, the pruned entries of ``s`` and
 the matching columns of ``N`` and rows of ``C`` are zeroed, and the masked forward gives them zero
-gradient, so they stay zero while the shapes never change. ``export()`` drops them physically.
+gradient, so they stay zero. ``shrink_()`` then drops them physically (new Parameters at the kept
+rank, so memory, optimizer state and work follow the rank), as ``export()`` does for inference.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lr_lightning.layers.base import LowRankLayer
+from lr_lightning.layers.base import LowRankLayer, ParamMove
 from lr_lightning.layers.linalg import sign_fixed_svd
 from lr_lightning.layers.tensors import full_tensor, write_full_
 
@@ -40,12 +41,15 @@ class SVDLayer(LowRankLayer):
 
     def _allocate(self, a: int, b: int, bias_features: int | None, device: torch.device | None,
                   dtype: torch.dtype | None) -> None:
+        self._allocate_factors(a, b, min(a, b), device, dtype)
+        self.bias = nn.Parameter(torch.zeros(bias_features, device=device, dtype=dtype)) if bias_features else None
+
+    def _allocate_factors(self, a: int, b: int, r: int, device: torch.device | None, dtype: torch.dtype | None) -> None:
+        """Fresh ``N (a x r)``, ``s (r)``, ``C (r x b)`` and an all-kept ``active`` mask."""
         kw = {"device": device, "dtype": dtype}
-        r = min(a, b)
         self.N = nn.Parameter(torch.empty(a, r, **kw))
         self.s = nn.Parameter(torch.empty(r, **kw))
         self.C = nn.Parameter(torch.empty(r, b, **kw))
-        self.bias = nn.Parameter(torch.zeros(bias_features, **kw)) if bias_features else None
         self.register_buffer("active", torch.ones(r, dtype=torch.bool, device=device))
 
     @property
@@ -71,9 +75,15 @@ class SVDLayer(LowRankLayer):
         return self.s.abs() * self.active
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The whole ``N``, ``s``, ``C`` at the kept singular values only (gathers FSDP2 shards; differentiable)."""
+        """The whole ``N``, ``s``, ``C`` at the kept singular values only (gathers FSDP2 shards; differentiable).
+
+        With every value kept (before the prune, and after :meth:`shrink_`) they are the tensors themselves.
+        """
+        n, s, c = full_tensor(self.N), full_tensor(self.s), full_tensor(self.C)
+        if self.rank == self.capacity:
+            return n, s, c
         keep = self.active
-        return full_tensor(self.N)[:, keep], full_tensor(self.s)[keep], full_tensor(self.C)[keep]
+        return n[:, keep], s[keep], c[keep]
 
     def matrix(self) -> torch.Tensor:
         """``M = N diag(|s|) C`` as an ``a x b`` tensor."""
@@ -157,6 +167,29 @@ class SVDLayer(LowRankLayer):
         write_full_(self.s, full_tensor(self.s).masked_fill(dropped, 0))
         write_full_(self.C, full_tensor(self.C).masked_fill(dropped[:, None], 0))
         return before - self.rank
+
+    @torch.no_grad()
+    def shrink_(self) -> list[ParamMove]:
+        """``N, s, C <- N[:, kept], s[kept], C[kept]`` as new Parameters: the pruned values leave memory and work."""
+        kept = self.active.nonzero().squeeze(1)
+        moves = []
+        for name, index in (("N", (slice(None), kept)), ("s", (kept,)), ("C", (kept,))):
+            old = getattr(self, name)
+            new = nn.Parameter(full_tensor(old).detach()[index].clone(), requires_grad=old.requires_grad)
+            setattr(self, name, new)
+            moves.append(ParamMove(old, new, index))
+        self.active = torch.ones(len(kept), dtype=torch.bool, device=self.active.device)
+        return moves
+
+    def resize_(self, capacity: int) -> None:
+        a, b = self.matrix_shape
+        if not 1 <= capacity <= min(a, b):
+            raise ValueError(f"capacity must be in 1..{min(a, b)} (min(a, b)), got {capacity}")
+        self._allocate_factors(a, b, capacity, self.active.device, self.s.dtype)
+
+    def saved_capacity(self, state_dict: dict[str, torch.Tensor], prefix: str) -> int | None:
+        active = state_dict.get(prefix + "active")
+        return None if active is None else active.numel()
 
     def _compact_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(N, diag(|s|) C)`` at the kept values and the bias, detached, for :meth:`export`."""

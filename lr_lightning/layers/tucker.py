@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +28,10 @@ from lr_lightning.layers.base import LowRankLayer
 from lr_lightning.layers.linalg import sign_fixed_svd
 from lr_lightning.layers.tensors import full_tensor, write_full_
 
-COMPUTE_DTYPE = torch.float64
-"""QR and SVD of bases and cores run in float64 (the matrices are small) with autocast off."""
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """QR and SVD of bases and cores (autocast off): float64 parameters stay float64, all others run in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ------------------------------------------------------------------------------------------ tensor algebra
@@ -55,15 +59,58 @@ def tucker_to_tensor(core: torch.Tensor, bases: Sequence[torch.Tensor | None]) -
     return core
 
 
-def orthonormal_augmentation(basis: torch.Tensor, directions: torch.Tensor, rank: int) -> torch.Tensor:
-    """The first ``rank`` columns of ``orth([U | D])`` by Householder QR, signs fixed so ``diag(R) >= 0``.
+def orthonormal_complement(basis: torch.Tensor, directions: torch.Tensor, columns: int,
+                           passes: int = 3) -> torch.Tensor:
+    """``Q_perp``: ``columns`` orthonormal columns spanning ``(I - U U^T) D``, orthogonal to ``U``.
 
-    With orthonormal ``U`` the first ``r`` columns reproduce ``U``; a ``D`` that is zero or inside
-    ``span(U)`` still yields orthonormal (arbitrary) extra columns.
+    ``D_perp = D - U (U^T D)`` and its Householder QR; the projection and QR are repeated (at most
+    ``passes`` times in all) while the probe ``max |U^T Q_perp z|`` (``z = 1 / sqrt(c)``) is above
+    rounding level. The repeat keeps float32 bases orthonormal, and turns a ``D`` that is zero or
+    inside ``span(U)`` (whose first QR only sees rounding noise) into arbitrary orthonormal columns
+    orthogonal to ``U``. Signs are fixed so the diagonal of the product of the ``R`` factors is
+    ``>= 0`` (the columns of ``orth([U | D])``).
     """
-    q, r = torch.linalg.qr(torch.cat([basis, directions], dim=1))
-    signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)
-    return (q * signs)[:, :rank]
+    tolerance = 32 * torch.finfo(basis.dtype).eps
+    q = directions[:, :columns]
+    probe = q.new_full((q.shape[1],), max(q.shape[1], 1) ** -0.5)
+    signs = q.new_ones(q.shape[1])
+    for _ in range(passes):
+        q, r = torch.linalg.qr(q - basis @ (basis.T @ q))
+        signs = signs * torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)
+        if q.numel() == 0 or (basis.T @ (q @ probe)).abs().max() <= tolerance:
+            break
+    return q * signs
+
+
+def reorthonormalized(basis: torch.Tensor, tolerance: float = 1e-6) -> torch.Tensor:
+    """``U (3 I - U^T U) / 2`` (a Newton-Schulz step to the nearest orthonormal ``U``) when ``U`` has drifted.
+
+    Products ``U P`` in float32 add ~1e-7 of non-orthogonality per truncation; the drift is caught
+    by the probe ``||U^T U z - z||_inf > tolerance`` (``z = 1 / sqrt(r)``, four ``n x r`` passes) and
+    one step takes an error ``E`` to ``O(E^2)``, so the bases stay orthonormal to ``tolerance`` over any run.
+    """
+    probe = basis.new_full((basis.shape[1],), basis.shape[1] ** -0.5)
+    if basis.numel() == 0 or (basis.T @ (basis @ probe) - probe).abs().max() <= tolerance:
+        return basis
+    gram = basis.T @ basis
+    return basis @ (1.5 * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device) - 0.5 * gram)
+
+
+def signed_columns(matrix: torch.Tensor) -> torch.Tensor:
+    """``matrix`` with each column's sign flipped so its largest ``|entry|`` is positive."""
+    signs = torch.sign(matrix.gather(0, matrix.abs().argmax(dim=0, keepdim=True)).squeeze(0))
+    return matrix * torch.where(signs == 0, 1.0, signs).to(matrix.dtype)
+
+
+def signed_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin ``M = P diag(sigma) Q^T`` in ``matrix``'s dtype; ``P`` and ``Q`` each by :func:`signed_columns`.
+
+    Returns ``(P, sigma, Q)``. The sign rule makes ``P`` (the left vectors of ``M``) and ``Q`` (the
+    left vectors of ``M^T``) functions of ``M`` alone for distinct singular values, so every process
+    gets the same factors and the pair equals two separate SVDs of ``M`` and ``M^T``.
+    """
+    p, sigma, qh = torch.linalg.svd(matrix, full_matrices=False)
+    return signed_columns(p), sigma, signed_columns(qh.mT)
 
 
 def truncation_rank(sigma: torch.Tensor, tau: float) -> int:
@@ -77,7 +124,7 @@ def truncation_rank(sigma: torch.Tensor, tau: float) -> int:
 class TuckerChange:
     """How an operation moved the core: ``C_new = C_old x_1 A_1 ... x_d A_d`` on the active blocks.
 
-    ``maps[i]`` is ``A_i`` (``new_ranks[i] x old_ranks[i]``, float64), ``None`` for an unchanged mode.
+    ``maps[i]`` is ``A_i`` (``new_ranks[i] x old_ranks[i]``, in :func:`compute_dtype`), ``None`` for an unchanged mode.
     """
 
     old_ranks: tuple[int, ...]
@@ -87,10 +134,26 @@ class TuckerChange:
 
 @dataclass
 class _KStep:
-    """A faithful K-step's frozen bases ``U_i^0`` and cores ``Ten_i(Q_i^T)``, where ``Mat_i(C)^T = Q_i S_i^T``."""
+    """A faithful K-step's frozen bases ``U_i^0``, cores ``Ten_i(Q_i^T)`` and starting points ``K_i^0 = U_i S_i``,
+    where ``Mat_i(C)^T = Q_i S_i^T``."""
 
     bases: list[torch.Tensor | None]
     q_cores: list[torch.Tensor | None]
+    starts: list[torch.Tensor | None]
+
+
+class _BackwardOnly(torch.autograd.Function):
+    """``y`` in value, the backward of ``y + A h - (A h).detach()``: ``g`` to ``y``, ``A^T g = adjoint(g)`` to ``h``."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, h: torch.Tensor,
+                adjoint: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        ctx.adjoint = adjoint
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        return grad, ctx.adjoint(grad), None
 
 
 # ------------------------------------------------------------------------------------------ layers
@@ -100,7 +163,10 @@ class TuckerLayer(LowRankLayer):
     Modes with ``factored[i]`` have a basis ``basis_<name>`` (role ``basis``: never weight-decayed)
     and an adaptive rank in ``[1, max_ranks[i]]``; the other modes stay at full size in the core.
     The core (role ``core``) is ``cap_1 x ... x cap_d``; the active block is ``r_1 x ... x r_d``
-    and everything outside it is zero. Subclasses define ``mode_names`` and ``forward``.
+    and everything outside it is zero. Subclasses define ``mode_names``, ``inner_map``, ``output_map``
+    and ``output_adjoint`` (mode 0, the output, is always factored).
+    While ``bases_frozen`` is set, the forward treats the bases as constants (a Galerkin pass:
+    gradients for the core only).
     """
 
     mode_names: tuple[str, ...] = ()
@@ -136,6 +202,7 @@ class TuckerLayer(LowRankLayer):
         self.bias = nn.Parameter(torch.zeros(bias_size, **kw)) if bias_size else None
         self.register_buffer("active_ranks", torch.tensor(ranks, dtype=torch.long, device=device))
         self._k_step: _KStep | None = None
+        self.bases_frozen = False
 
     # ---------------------------------------------------------------------------------- shape and size
     @property
@@ -175,17 +242,40 @@ class TuckerLayer(LowRankLayer):
         return core[tuple(slice(0, r) for r in ranks)], [None if b is None else b[:, :r] for b, r in zip(bases, ranks)]
 
     def active_factors(self) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        """Active core and bases as whole tensors (gathered if sharded), in the compute dtype."""
-        bases = [None if self.basis(i) is None else full_tensor(self.basis(i)).detach().to(COMPUTE_DTYPE)
+        """Copies of the active core and bases (gathered if sharded), in :func:`compute_dtype`."""
+        dtype = compute_dtype(self.core.dtype)
+        bases = [None if self.basis(i) is None else full_tensor(self.basis(i)).detach()
                  for i in range(len(self.mode_sizes))]
-        return self._active(full_tensor(self.core).detach().to(COMPUTE_DTYPE), bases)
+        core, bases = self._active(full_tensor(self.core).detach(), bases)
+        return core.to(dtype, copy=True), [None if b is None else b.to(dtype, copy=True) for b in bases]
 
-    def weight_tensor(self) -> torch.Tensor:
-        """The ``d``-mode weight ``C x_i U_i`` from the active slices (differentiable)."""
+    def inner_map(self, x: torch.Tensor, core: torch.Tensor, bases: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """``h = Mat_1(core x_{i > 1} bases_i) x``: everything but the output basis, in ``r_1`` coordinates."""
+        raise NotImplementedError
+
+    def output_map(self, h: torch.Tensor, basis: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``U_1 h + b``: the output basis applied to :meth:`inner_map`'s result."""
+        raise NotImplementedError
+
+    def output_adjoint(self, grad: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        """``U_1^T g``: the adjoint of :meth:`output_map` (without bias)."""
+        raise NotImplementedError
+
+    def tucker_map(self, x: torch.Tensor, core: torch.Tensor, bases: Sequence[torch.Tensor | None],
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's operator with weight ``core x_i bases_i`` (plus ``bias``), applied factor by factor."""
+        return self.output_map(self.inner_map(x, core, bases), bases[0], bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``W x + b`` through the factors at the active ranks (the K-step form between :meth:`begin_k_step_`
+        and :meth:`end_k_step_`)."""
         if self._k_step is not None:
-            return self._k_step_tensor()
-        core, bases = self._active(self.core, [self.basis(i) for i in range(len(self.mode_sizes))])
-        return tucker_to_tensor(core, bases)
+            return self._k_step_forward(x)
+        bases = [self.basis(i) for i in range(len(self.mode_sizes))]
+        if self.bases_frozen:
+            bases = [None if b is None else b.detach() for b in bases]
+        core, bases = self._active(self.core, bases)
+        return self.tucker_map(x, core, bases, self.bias)
 
     def dense_weight(self) -> torch.Tensor:
         core, bases = self.active_factors()
@@ -222,9 +312,9 @@ class TuckerLayer(LowRankLayer):
 
     @torch.no_grad()
     def init_from_weight_(self, weight: torch.Tensor) -> None:
-        """``W ~ C x_i U_i`` by a truncated HOSVD of ``weight`` at the active ranks (sign-fixed)."""
+        """``W ~ C x_i U_i`` by a truncated HOSVD of ``weight`` at the active ranks (float64, once, sign-fixed)."""
         with torch.autocast(weight.device.type, enabled=False):
-            tensor = weight.detach().to(COMPUTE_DTYPE).reshape(self.mode_sizes)
+            tensor = weight.detach().to(torch.float64).reshape(self.mode_sizes)
             bases: list[torch.Tensor | None] = []
             for mode, rank in enumerate(self.ranks):
                 bases.append(sign_fixed_svd(unfold(tensor, mode))[0][:, :rank] if self.factored[mode] else None)
@@ -234,7 +324,8 @@ class TuckerLayer(LowRankLayer):
     # ---------------------------------------------------------------------------------- integrator steps
     @torch.no_grad()
     def augment_(self, directions: Sequence[torch.Tensor | None]) -> TuckerChange:
-        """``U_i <- orth([U_i | D_i])`` (rank ``min(r_i + cols(D_i), capacity)``), ``C <- C x_i (U_i_new^T U_i)``.
+        """``U_i <- [U_i | Q_i]``, ``Q_i = orth((I - U_i U_i^T) D_i)`` (rank ``min(r_i + cols(D_i), capacity)``),
+        ``C <- C`` padded with zeros (``U_i_new^T U_i = [I; 0]``).
 
         The function is unchanged; ``directions[i]`` is ``None`` for a mode left as it is.
         """
@@ -246,13 +337,14 @@ class TuckerLayer(LowRankLayer):
                 if bases[mode] is None or direction is None:
                     maps.append(None)
                     continue
-                direction = direction.detach().to(device=core.device, dtype=COMPUTE_DTYPE)
-                rank = min(old_ranks[mode] + direction.shape[1], self.capacities[mode])
-                augmented = orthonormal_augmentation(bases[mode], direction, rank)
-                maps.append(augmented.T @ bases[mode])
-                core = mode_product(core, maps[-1], mode)
-                bases[mode] = augmented
-        self._write_(core, bases)
+                basis = bases[mode]
+                direction = direction.detach().to(device=basis.device, dtype=basis.dtype)
+                columns = min(old_ranks[mode] + direction.shape[1], self.capacities[mode]) - old_ranks[mode]
+                bases[mode] = torch.cat([basis, orthonormal_complement(basis, direction, columns)], dim=1)
+                maps.append(torch.eye(bases[mode].shape[1], old_ranks[mode], dtype=basis.dtype, device=basis.device))
+        padded = core.new_zeros([r if m is None else m.shape[0] for r, m in zip(old_ranks, maps)])
+        padded[tuple(slice(0, r) for r in old_ranks)] = core
+        self._write_(padded, bases)
         return TuckerChange(old_ranks, self.ranks, tuple(maps))
 
     @torch.no_grad()
@@ -260,32 +352,44 @@ class TuckerLayer(LowRankLayer):
         """HOSVD of the core: ``Mat_i(C) = P_i Sigma_i Q_i^T``; keep the smallest ``r_i`` whose discarded
         singular values have norm ``< tau ||Sigma_i||``, clamped to ``[min_rank, max_rank_i]``;
         ``U_i <- U_i P_i``, ``C <- C x_i P_i^T``.
+
+        A matrix core ``S = P Sigma Q^T`` needs one SVD: ``Mat_1(S) = S^T`` has left vectors ``Q``.
         """
         old_ranks = self.ranks
         core, bases = self.active_factors()
-        maps: list[torch.Tensor | None] = []
         with torch.autocast(self.core.device.type, enabled=False):
-            for mode, basis in enumerate(bases):
-                if basis is None:
-                    maps.append(None)
-                    continue
-                left, sigma, _ = sign_fixed_svd(unfold(core, mode))
-                rank = max(truncation_rank(sigma, tau), min(min_rank, self.mode_sizes[mode]))
-                rank = min(rank, self.max_ranks[mode], left.shape[1])
-                maps.append(left[:, :rank].T)
-            core = tucker_to_tensor(core, maps)
-            bases = [None if b is None else b @ p.T for b, p in zip(bases, maps)]
+            if core.dim() == 2 and all(b is not None for b in bases):
+                left, sigma, right = signed_svd(core)
+                rank = self._truncation_rank(sigma, tau, min_rank, 0)
+                rank = min(rank, self._truncation_rank(sigma, tau, min_rank, 1))
+                maps: list[torch.Tensor | None] = [left[:, :rank].T, right[:, :rank].T]
+                core = maps[0] @ core @ maps[1].T
+            else:
+                maps = []
+                for mode, basis in enumerate(bases):
+                    if basis is None:
+                        maps.append(None)
+                        continue
+                    left, sigma, _ = signed_svd(unfold(core, mode))
+                    maps.append(left[:, : self._truncation_rank(sigma, tau, min_rank, mode)].T)
+                core = tucker_to_tensor(core, maps)
+            bases = [None if b is None else reorthonormalized(b @ p.T) for b, p in zip(bases, maps)]
         self._write_(core, bases)
         return TuckerChange(old_ranks, self.ranks, tuple(maps))
+
+    def _truncation_rank(self, sigma: torch.Tensor, tau: float, min_rank: int, mode: int) -> int:
+        rank = max(truncation_rank(sigma, tau), min(min_rank, self.mode_sizes[mode]))
+        return min(rank, self.max_ranks[mode], sigma.numel())
 
     @torch.no_grad()
     def begin_k_step_(self) -> None:
         """Put ``K_i = U_i S_i`` into every basis, where ``Mat_i(C)^T = Q_i S_i^T`` (QR).
 
-        Until :meth:`end_k_step_`, the forward computes the unchanged ``W`` as
-        ``C x_j U_j^0 + sum_i (T_i - T_i.detach())`` with ``T_i = Ten_i(K_i V_i^T)``,
-        ``V_i^T = Q_i^T (x_{j != i} U_j^0)^T``, so one backward gives every ``dL/dK_i = Mat_i(dL/dW) V_i``
-        (the K-steps of all modes are independent) and no inverse of the core is needed.
+        Until :meth:`end_k_step_`, the forward computes the unchanged ``W x`` as
+        ``T_1 x + sum_{i > 1} (T_i x' - (T_i x').detach())`` (``x'`` = ``x`` detached) with
+        ``T_i = Ten_i(K_i V_i^T) = Ten_i(Q_i^T) x_i K_i x_{j != i} U_j^0``, each term through the factors,
+        never as a dense weight. One backward gives every ``dL/dK_i = Mat_i(dL/dW) V_i`` (the
+        K-steps of all modes are independent), ``dL/dx`` once, and no inverse of the core is needed.
         """
         core, bases = self.active_factors()
         q_cores: list[torch.Tensor | None] = []
@@ -301,7 +405,7 @@ class TuckerLayer(LowRankLayer):
                 shape[mode] = q.shape[1]
                 q_cores.append(fold(q.T, mode, shape).to(self.core.dtype))
                 ks.append(basis @ s_transposed.T)
-        self._k_step = _KStep([None if b is None else b.to(self.core.dtype) for b in bases], q_cores)
+        self._k_step = _KStep([None if b is None else b.to(self.core.dtype) for b in bases], q_cores, ks)
         for mode, k in enumerate(ks):
             if k is not None:
                 full = k.new_zeros(self.mode_sizes[mode], self.capacities[mode])
@@ -309,28 +413,36 @@ class TuckerLayer(LowRankLayer):
                 write_full_(self.basis(mode), full)
 
     @torch.no_grad()
-    def end_k_step_(self) -> list[torch.Tensor | None]:
-        """Restore the bases ``U_i^0`` and return the stepped ``K_i^1`` (one per mode, ``None`` if unfactored)."""
+    def end_k_step_(self, increments: bool = False) -> list[torch.Tensor | None]:
+        """Restore the bases ``U_i^0`` and return the stepped ``K_i^1`` (one per mode, ``None`` if unfactored),
+        or with ``increments`` the steps ``K_i^1 - K_i^0``: since ``K_i^0 = U_i S_i`` lies in ``span(U_i)``,
+        ``orth([U_i | K_i^1 - K_i^0])`` is ``orth([U_i | K_i^1])``, and the projection out of ``span(U_i)``
+        loses no accuracy to cancellation.
+        """
         if self._k_step is None:
             raise RuntimeError("end_k_step_() called without begin_k_step_()")
-        bases, q_cores = self._k_step.bases, self._k_step.q_cores
+        bases, q_cores, starts = self._k_step.bases, self._k_step.q_cores, self._k_step.starts
         stepped = [None if q is None else full_tensor(self.basis(mode)).detach()[:, : q.shape[mode]].clone()
                    for mode, q in enumerate(q_cores)]
+        if increments:
+            stepped = [None if k is None else k - k0.to(k.dtype) for k, k0 in zip(stepped, starts)]
         self._k_step = None
         self._write_(self.active_factors()[0], bases)
         return stepped
 
-    def _k_step_tensor(self) -> torch.Tensor:
+    def _k_step_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``T_1 x + b`` in value; the terms ``i > 1`` enter only the backward, as ``U_1^0 h_i`` with
+        ``h_i = inner_map(x', Ten_i(Q_i^T), K_i)``, so ``U_1^0 h_i`` itself is never evaluated."""
         bases, q_cores = self._k_step.bases, self._k_step.q_cores
-        core, _ = self._active(self.core, bases)
-        weight = tucker_to_tensor(core, bases)
-        for mode, q_core in enumerate(q_cores):
-            if q_core is None:
+        factors = [self.basis(0)[:, : q_cores[0].shape[0]], *bases[1:]]
+        out = self.tucker_map(x, q_cores[0], factors, self.bias)
+        for mode in range(1, len(q_cores)):
+            if q_cores[mode] is None:
                 continue
-            k = self.basis(mode)[:, : q_core.shape[mode]]
-            term = tucker_to_tensor(q_core, [k if j == mode else b for j, b in enumerate(bases)])
-            weight = weight + (term - term.detach())
-        return weight
+            k = self.basis(mode)[:, : q_cores[mode].shape[mode]]
+            hidden = self.inner_map(x.detach(), q_cores[mode], [k if j == mode else b for j, b in enumerate(bases)])
+            out = _BackwardOnly.apply(out, hidden, partial(self.output_adjoint, basis=bases[0]))
+        return out
 
     def extra_repr(self) -> str:
         return (f"ranks={self.ranks}, capacities={self.capacities}, max_ranks={self.max_ranks}, "
@@ -400,12 +512,17 @@ class TuckerLinear(TuckerLayer):
             write_full_(layer.bias, linear.bias.detach())
         return layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._k_step is not None:
-            return F.linear(x, self.weight_tensor(), self.bias)
-        out_rank, in_rank = self.ranks
-        u, v, s = self.basis_out[:, :out_rank], self.basis_in[:, :in_rank], self.core[:out_rank, :in_rank]
-        return F.linear(F.linear(F.linear(x, v.T), s), u, self.bias)
+    def inner_map(self, x: torch.Tensor, core: torch.Tensor, bases: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """``(x V) S^T`` with ``bases = (U, V)``, ``core = S``."""
+        return F.linear(F.linear(x, bases[1].T), core)
+
+    def output_map(self, h: torch.Tensor, basis: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``h U^T + b``."""
+        return F.linear(h, basis, bias)
+
+    def output_adjoint(self, grad: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        """``g U``."""
+        return F.linear(grad, basis.T)
 
     def export(self) -> nn.Sequential:
         """``Linear(n, r, V^T) -> Linear(r, r, S) -> Linear(r, m, U, bias)``: ``r (m + n + r) + m`` parameters."""
@@ -426,8 +543,9 @@ class TuckerConv2d(TuckerLayer):
 
     The channel modes are always factored and rank-adaptive; the spatial modes are kept at full
     kernel size (``spatial_rank=None``, as in the TDLRT reference code) or factored and adaptive
-    too. The forward rebuilds the small ``C_out x C_in x k_h x k_w`` kernel and runs one
-    convolution (cheaper than the 1x1 -> kxk -> 1x1 chain for small channel counts). As a matrix
+    too. The forward runs the factor chain at the active ranks: a 1x1 convolution ``C_in -> r_in``,
+    the ``k_h x k_w`` core convolution ``r_in -> r_out`` (stride, padding, dilation) and a 1x1
+    convolution ``r_out -> C_out``; the full kernel is never built. As a matrix
     the layer is ``C_out x (C_in k_h k_w)``: ``out_features = C_out``, ``in_features = C_in k_h k_w``.
 
     Args:
@@ -508,8 +626,21 @@ class TuckerConv2d(TuckerLayer):
             write_full_(layer.bias, conv.bias.detach())
         return layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight_tensor(), self.bias, self.stride, self.padding, self.dilation)
+    def inner_map(self, x: torch.Tensor, core: torch.Tensor, bases: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """``conv_kxk(C x_3 U_h x_4 U_w) o conv1x1(U_in^T)``; with :meth:`output_map` tltorch's Tucker
+        convolution, ``HW (C_in r_in + r_out r_in k_h k_w + r_out C_out)`` multiply-adds per image."""
+        _, u_in, u_h, u_w = bases
+        kernel = tucker_to_tensor(core, [None, None, u_h, u_w])
+        x = F.conv2d(x, u_in.T[:, :, None, None])
+        return F.conv2d(x, kernel, None, self.stride, self.padding, self.dilation)
+
+    def output_map(self, h: torch.Tensor, basis: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``conv1x1(U_out) h + b``."""
+        return F.conv2d(h, basis[:, :, None, None], bias)
+
+    def output_adjoint(self, grad: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        """``conv1x1(U_out^T) g``."""
+        return F.conv2d(grad, basis.T[:, :, None, None])
 
     def export(self) -> nn.Module:
         """Unfactored spatial modes: ``Conv1x1(C_in, r_in) -> Conv kxk(r_in, r_out) -> Conv1x1(r_out, C_out, bias)``;

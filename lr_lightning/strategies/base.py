@@ -287,6 +287,15 @@ class LowRankStrategy:
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Project the parameters after optimizer step ``step`` (runs every step, before ``update``)."""
 
+    def layers_to_shrink(self, model: nn.Module) -> list[tuple[str, LowRankLayer]]:
+        """Layers whose rank is now final and below their capacity: the callback shrinks them to it.
+
+        A method whose rank is fixed for good by a one-time event (SVD training's prune, InRank's
+        switch) returns them from then on, so the parameters, gradients, optimizer state and work of
+        the rest of training are those of a compact layer.
+        """
+        return []
+
     def metrics(self, model: nn.Module) -> dict[str, float]:
         """Scalars worth logging after an update (ranks, counts)."""
         ranks = [layer.rank for _, layer in self.layers(model)]

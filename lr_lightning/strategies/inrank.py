@@ -61,8 +61,9 @@ class InRank(LowRankStrategy):
     InRank-Efficient (the default, ``keep_base=False``: ``W = B A`` with no ``W0``, as the released
     code): at the end of training epoch ``switch_epoch`` (or after optimizer step ``switch_step``)
     every layer is re-factored by SVD at its found rank with balanced factors, the buffer is
-    dropped, the factors' optimizer state is reset, and training continues at a fixed rank with
-    ``r (m + n)`` instead of ``(r + b)(m + n)`` multiply-adds per token. With ``keep_base=True`` the
+    dropped, the factors' optimizer state is reset, and the callback shrinks the factors to ``r``
+    columns (:meth:`layers_to_shrink`): training continues at a fixed rank with ``r (m + n)``
+    parameters, gradients and multiply-adds per token instead of the capacity's. With ``keep_base=True`` the
     layer is the paper's general InRank, ``W = W0 + B A`` with ``W0`` the frozen initial weight.
 
     Args:
@@ -185,6 +186,13 @@ class InRank(LowRankStrategy):
                 factors += [layer.A, layer.B]
         self.switched = True
         return [StateReset(factors, "full")] if factors else []
+
+    def layers_to_shrink(self, model: nn.Module) -> list[tuple[str, IncrementalLinear]]:
+        """After the switch: every layer whose capacity exceeds its found rank (stage 2 trains ``r (m + n)``)."""
+        if not self.switched:
+            return []
+        return [(name, layer) for _, name, layer in self._incremental_layers(model)
+                if layer.capacity > layer.active_rank]
 
     def _incremental_layers(self, model: nn.Module) -> list[tuple[int, str, IncrementalLinear]]:
         return [(i, name, layer) for i, (name, layer) in enumerate(self.layers(model))

@@ -62,10 +62,11 @@ class SVDTraining(LowRankStrategy):
     Schedule (``unit`` = optimizer steps or epochs completed): stage ``train`` (``L_o`` only) until
     ``sparsify_at``, stage ``sparsify`` (``L_o + R_s``) until ``prune_at``, where every layer keeps the
     fewest largest ``|s_i|`` holding ``>= 1 - energy`` of ``sum_i s_i^2`` (after a sign-fixed re-SVD
-    when ``standardize``), then stage ``finetune`` (``L_o`` only, pruned values masked at zero). The
-    optimizer state of the rewritten layers' ``N``, ``s``, ``C`` is reset at the prune, as the
-    reference fine-tunes with a fresh optimizer. The stage is saved in ``state_dict``; the masks
-    live in the layers' buffers.
+    when ``standardize``), then stage ``finetune`` (``L_o`` only). The optimizer state of the
+    rewritten layers' ``N``, ``s``, ``C`` is reset at the prune, as the reference fine-tunes with a
+    fresh optimizer, and the callback then shrinks them to the kept values (:meth:`layers_to_shrink`),
+    as the reference drops the zeroed columns before fine-tuning. The stage is saved in
+    ``state_dict``; the masks and capacities live in the layers and the checkpoint.
 
     Args:
         orthogonality_weight: ``lambda_o`` (the paper: 1.0 on CIFAR, 2.0 on ImageNet).
@@ -227,6 +228,12 @@ class SVDTraining(LowRankStrategy):
                 rewritten += [layer.N, layer.s, layer.C]
         self.stage = "finetune"
         return [StateReset(rewritten, "full")] if rewritten else []
+
+    def layers_to_shrink(self, model: nn.Module) -> list[tuple[str, SVDLayer]]:
+        """After the prune (stage ``finetune``): every layer holding pruned singular values."""
+        if self.stage != "finetune":
+            return []
+        return [(name, layer) for name, layer in self.svd_layers(model) if layer.rank < layer.capacity]
 
     # ----------------------------------------------------------------------------- logging, state
     def metrics(self, model: nn.Module) -> dict[str, float]:

@@ -16,7 +16,6 @@ by HOSVD with relative tolerance ``tau``. Two variants:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -40,50 +39,17 @@ def mode_rank(rank: int | float, bound: int) -> int:
     return min(rank, bound) if isinstance(rank, int) else max(1, min(bound, round(rank * bound)))
 
 
-@dataclass
-class StateInit:
-    """Create the optimizer state of ``params`` by one zero-gradient step at learning rate 0; no parameter moves.
-
-    For parameters that never step (the cheap variant's bases): FSDP2's distributed checkpoint
-    initializes a state for every parameter of a fresh optimizer before loading, so a checkpoint
-    without one for them cannot be resumed.
-    """
-
-    params: list[torch.Tensor]
-
-    def apply_(self, optimizer: Optimizer) -> tuple[int, int]:
-        """Initialize the missing states in place; return (0, 0) (no existing entry is changed)."""
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        missing = [p for p in self.params if id(p) in held and not optimizer.state.get(p)]
-        if not missing:
-            return 0, 0
-        everything = [p for group in optimizer.param_groups for p in group["params"]]
-        grads, lrs = [p.grad for p in everything], [group["lr"] for group in optimizer.param_groups]
-        for p in everything:
-            p.grad = None
-        for p in missing:
-            p.grad = torch.zeros_like(p)
-        for group in optimizer.param_groups:
-            group["lr"] = torch.zeros_like(group["lr"]) if torch.is_tensor(group["lr"]) else 0.0
-        try:
-            optimizer.step()
-        finally:
-            for group, lr in zip(optimizer.param_groups, lrs):
-                group["lr"] = lr
-            for p, grad in zip(everything, grads):
-                p.grad = grad
-        return 0, 0
-
-
 class TDLRT(LowRankStrategy):
     """Geometry-aware rank-adaptive training of Linear (matrix) and Conv2d (Tucker) layers.
 
     Ranks start at ``init_rank`` and adapt within ``[min_rank, max_rank]``; factors are
     preallocated at ``min(2 * max_rank, n_i)`` per mode. Ranks given as a float are a fraction of
     each mode's largest possible rank (``min(m, n)`` for a Linear; ``min(C_out, C_in k^2)`` and
-    ``min(C_in, C_out k^2)`` for the channel modes of a Conv2d); ints are clipped to it. Bases get
-    no weight decay; the core gets the optimizer's decay, which with orthonormal bases is exactly
-    the dense decay ``-lambda W`` seen in core coordinates (``||W||_F = ||C||_F``).
+    ``min(C_in, C_out k^2)`` for the channel modes of a Conv2d); ints are clipped to it. The cheap
+    variant leaves the bases out of :meth:`param_groups` (they never step, so they hold no optimizer
+    state); the faithful variant steps them as ``K_i`` without weight decay. The core gets the
+    optimizer's decay, which with orthonormal bases is exactly the dense decay ``-lambda W`` seen
+    in core coordinates (``||W||_F = ||C||_F``).
 
     Args:
         tau: Relative truncation tolerance: keep the smallest rank whose discarded singular values
@@ -199,10 +165,10 @@ class TDLRT(LowRankStrategy):
 
     def before_optimizer_step(self, model: nn.Module, step: int) -> list[StateEdit]:
         """Cheap variant: augment on augmentation steps and keep the factorized layers from stepping
-        then; on the other steps only the cores step. The bases never get an optimizer step (their
-        gradient is dropped), so they stay orthonormal whatever the optimizer or weight decay; a
-        :class:`StateInit` still gives them an (unused) optimizer state, which FSDP2 checkpoints need.
-        The rest of the model steps every time: augmentation keeps the function, so its gradients stay valid.
+        then; on the other steps only the cores step. The basis gradients are consumed here (cleared
+        every step: the bases are not in :meth:`param_groups`, so ``optimizer.zero_grad`` never sees
+        them), so the bases never step and hold no optimizer state. The rest of the model steps
+        every time: augmentation keeps the function, so its gradients stay valid.
         """
         if self.variant == "faithful":
             if not self.integrating:
@@ -210,8 +176,7 @@ class TDLRT(LowRankStrategy):
                                    "strategy.wrap_optimizer(optimizer, self) from configure_optimizers")
             return []
         augmenting = self.is_augment_step(step)
-        bases = [basis for _, layer in self.tucker_layers(model) for basis in layer.basis_parameters()]
-        edits = [StateInit(bases), *self.augment(model)] if augmenting else []
+        edits = self.augment(model) if augmenting else []
         for _, layer in self.tucker_layers(model):
             for basis in layer.basis_parameters():
                 basis.grad = None
@@ -225,6 +190,14 @@ class TDLRT(LowRankStrategy):
 
     def update(self, model: nn.Module, step: int) -> list[StateEdit]:
         return self.truncate(model)
+
+    def param_groups(self, model: nn.Module, weight_decay: float | None = None) -> list[dict[str, Any]]:
+        """:meth:`LowRankStrategy.param_groups` without the ``basis`` group in the cheap variant: its bases
+        never take an optimizer step, so they get no optimizer state (a distributed checkpoint then
+        has nothing to miss). The faithful variant steps them as ``K_i`` and keeps them.
+        """
+        groups = super().param_groups(model, weight_decay)
+        return groups if self.variant == "faithful" else [g for g in groups if g["lowrank_role"] != "basis"]
 
     def wrap_optimizer(self, optimizer: Optimizer, model: nn.Module) -> Optimizer:
         """The faithful variant's :class:`BUGOptimizer` around ``optimizer``; ``optimizer`` itself for ``cheap``."""
@@ -244,8 +217,10 @@ class BUGOptimizer(Optimizer):
 
     1. K-step: every basis holds ``K_i = U_i S_i``; ``closure()`` gives all ``dL/dK_i`` in one
        pass and ``optimizer`` steps only the ``K_i``.
-    2. Augment: ``U_i <- orth([U_i | K_i^1])``, ``C <- C x_i (U_i_new^T U_i)``; core moments transported or reset.
-    3. Galerkin step: ``closure()`` again; ``optimizer`` steps the cores and every other parameter.
+    2. Augment: ``U_i <- orth([U_i | K_i^1]) = [U_i | orth((I - U_i U_i^T)(K_i^1 - K_i^0))]``, ``C`` padded
+       with zeros; core moments transported or reset.
+    3. Galerkin step: ``closure()`` again with the bases held constant (no basis gradients are
+       computed); ``optimizer`` steps the cores and every other parameter.
     4. Truncate: HOSVD of the cores with tolerance ``tau``; core moments transported or reset.
 
     DLRT trains this integrator with SGD. With Adam, prefer ``moments="reset"``: truncation rotates
@@ -253,7 +228,9 @@ class BUGOptimizer(Optimizer):
     non-zero ``m``. ``optimizer`` keeps its parameter groups and state (they are shared, so LR
     schedulers and checkpoints work on either object). The closure must zero the gradients and run
     backward, as Lightning's automatic optimization does (with ``accumulate_grad_batches=1``); a
-    closure-less step (fp16 ``GradScaler``) is an error.
+    closure-less step (fp16 ``GradScaler``) is an error. Each pass differentiates only what it
+    steps (the K pass never touches the cores, the Galerkin pass holds the bases constant), so
+    under DDP use ``DDPStrategy(find_unused_parameters=True)``.
     """
 
     def __init__(self, optimizer: Optimizer, strategy: TDLRT, model: nn.Module) -> None:
@@ -278,14 +255,18 @@ class BUGOptimizer(Optimizer):
                     loss = closure()
                 self._step_only(lambda p: id(p) in bases)
             finally:
-                stepped = [layer.end_k_step_() for layer in layers]
+                stepped = [layer.end_k_step_(increments=True) for layer in layers]
             self._apply([self.strategy.moment_edit(layer, layer.augment_(k)) for layer, k in zip(layers, stepped)])
+            for layer in layers:
+                layer.bases_frozen = True
             with torch.enable_grad():
                 closure()
             self._step_only(lambda p: id(p) not in bases)
             self._apply(self.strategy.truncate(self.model))
         finally:
             self.strategy.integrating = False
+            for layer in layers:
+                layer.bases_frozen = False
         return loss
 
     def _step_only(self, keep: Callable[[torch.Tensor], bool]) -> None:

@@ -23,8 +23,8 @@ def test_ideal_flops_match_a_hand_count():
     assert bench.tucker_flops(t, m, n, r) == 6 * 2 * 1 * 9
 
 
-@pytest.mark.parametrize(("name", "rank"), [("dense", 24), ("lora", 4), ("sst", 4), ("inrank", 4), ("tdlrt", 4),
-                                            ("svd", 24)])
+@pytest.mark.parametrize(("name", "rank"), [("dense", 24), ("lora", 4), ("sst", 4), ("inrank", 4), ("inrank2", 4),
+                                            ("reference", 4), ("tdlrt", 4), ("svd", 24)])
 def test_ideal_flops_equal_the_matmuls_the_layer_runs(name, rank):
     """torch's FLOP counter over one forward + backward of the real layer gives exactly the formula."""
     kind = bench.KINDS[name]
@@ -58,7 +58,7 @@ def test_tables_have_one_row_per_layer_shape_and_rank_and_name_every_periodic_op
     shapes, fractions = [(32, 32), (16, 48)], [4, 8]
     results = bench.run(shapes, fractions, list(bench.LAYERS), tokens=8, repeats=1, device=CPU, log=lambda _: None)
     rows = bench.speed_rows(results)
-    ranked = 4 * len(fractions) + (len(fractions) + 1)  # lora, sst, inrank, tdlrt; svd full + pruned
+    ranked = 6 * len(fractions) + (len(fractions) + 1)  # lora sst inrank inrank2 reference tdlrt; svd full + pruned
     assert len(rows) == len(shapes) * (1 + ranked)
     assert all(len(row) == len(bench.SPEED_HEADER) for row in rows)
     assert {row[1] for row in rows} == {"32x32", "16x48"}
@@ -92,10 +92,20 @@ def test_periodic_operations_run_on_copies_leave_the_timed_layer_unchanged():
     assert trainee.layer.active_rank == before and trainee.layer.buffer > 0
 
 
-def test_svd_cases_below_full_rank_are_pruned_to_that_rank():
+def test_svd_cases_below_full_rank_are_pruned_and_shrunk_to_that_rank():
     result = bench.run_case(bench.KINDS["svd"], 32, 32, 8, 4, 1, CPU, with_ops=False)
     assert result.rank == 8
     assert result.ideal_ratio == pytest.approx(bench.factor_flops(4, 32, 32, 8) / bench.dense_flops(4, 32, 32))
+    trained = 8 * (32 + 32 + 1) + 32  # N, s, C at rank 8 and the bias
+    assert result.timing.memory.grads == 4 * trained
+
+
+def test_inrank_stage_two_holds_what_the_reference_layer_holds():
+    stage2 = bench.run_case(bench.KINDS["inrank2"], 32, 48, 8, 4, 1, CPU, with_ops=False)
+    reference = bench.run_case(bench.KINDS["reference"], 32, 48, 8, 4, 1, CPU, with_ops=False)
+    assert stage2.rank == reference.rank == 8
+    assert stage2.timing.memory.grads == reference.timing.memory.grads == 4 * (8 * (32 + 48) + 32)
+    assert stage2.timing.memory.state == reference.timing.memory.state
 
 
 @pytest.mark.parametrize(("spec", "shape"), [("512", (512, 512)), ("1024x4096", (1024, 4096))])

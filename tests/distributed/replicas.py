@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
+from lr_lightning.callbacks import fit_in_stages
 from lr_lightning.layers.tensors import full_tensor
 from lr_lightning.strategies import strategy_from_config
 from lr_lightning.tasks import LanguageModelingTask
@@ -59,11 +60,14 @@ class StopAt(L.Callback):
 
 
 def trainer(backend: str, max_steps: int, stop_and_save_at: int | None = None, ckpt_dir: Path | None = None) -> L.Trainer:
+    """A 2-process trainer; with ``stop_and_save_at`` it checkpoints there and stops; ``ckpt_dir`` also holds
+    the checkpoint a shrink saves."""
     strategy = "ddp" if backend == "ddp" else ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     callbacks = [] if stop_and_save_at is None else [
         StopAt(stop_and_save_at), ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, every_n_train_steps=stop_and_save_at)]
     return L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=max_steps, logger=False,
-                     enable_checkpointing=ckpt_dir is not None, callbacks=callbacks, enable_progress_bar=False,
+                     default_root_dir=ckpt_dir, enable_checkpointing=stop_and_save_at is not None,
+                     callbacks=callbacks, enable_progress_bar=False,
                      enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=True)
 
 
@@ -89,8 +93,13 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, required=True)
     args = parser.parse_args()
 
-    straight = task(args.strategy)
-    trainer(args.backend, 2 * args.half).fit(straight, loader())
+    def whole_run(ckpt_path: str | None = None) -> L.LightningModule:
+        """Train to 2 * half steps from ``ckpt_path``, going on through a shrink as stage 2."""
+        _, model = fit_in_stages(lambda: trainer(args.backend, 2 * args.half, ckpt_dir=args.workdir / "stages"),
+                                 lambda: task(args.strategy), ckpt_path, train_dataloaders=loader())
+        return model
+
+    straight = whole_run()
     straight_state = full_state(straight)
     straight_digests = replica_digests(straight_state)
 
@@ -98,21 +107,22 @@ def main() -> None:
     trainer(args.backend, 2 * args.half, args.half, args.workdir / "ckpt").fit(first, loader())
     first_state = full_state(first)
     ckpt = next((args.workdir / "ckpt").glob("*.ckpt"))
-    resumed = task(args.strategy)
-    trainer(args.backend, 2 * args.half).fit(resumed, loader(), ckpt_path=str(ckpt))
+    resumed = whole_run(str(ckpt))
     resumed_state = full_state(resumed)
     resumed_digests = replica_digests(resumed_state)
 
     if dist.get_rank() == 0:
         diff = max((straight_state[k].float() - resumed_state[k].float()).abs().max().item() for k in straight_state)
-        moved = max((straight_state[k].float() - first_state[k].float()).abs().max().item() for k in straight_state)
+        moved = max((straight_state[k].float() - first_state[k].float()).abs().max().item() for k in straight_state
+                    if straight_state[k].shape == first_state[k].shape)  # shrunk factors have new shapes
         ranks = [layer.rank for _, layer in resumed.strategy.layers(resumed)]
+        capacities = [layer.capacity for _, layer in resumed.strategy.layers(resumed)]
         torch.save(straight_state, args.workdir / "straight.pt")
         (args.workdir / "result.json").write_text(json.dumps({
             "straight_replicas_equal": len(set(straight_digests)) == 1,
             "resumed_replicas_equal": len(set(resumed_digests)) == 1,
             "resume_max_abs_diff": diff, "second_half_moved": moved,
-            "strategy_state": resumed.strategy.state_dict(), "ranks": ranks,
+            "strategy_state": resumed.strategy.state_dict(), "ranks": ranks, "capacities": capacities,
             "step": resumed.trainer.global_step,
         }))
     dist.barrier()

@@ -32,6 +32,7 @@ def test_checkpoint_after_growth_resumes_with_the_grown_ranks(results, backend):
     assert result["step"] == 8 and result["second_half_moved"] > 1e-2
     assert result["resume_max_abs_diff"] < 1e-6  # weights and rank buffers equal those of the straight run
     assert result["strategy_state"] == {"switched": True}  # the switch ran after the resume
+    assert result["capacities"] == result["ranks"]  # and stage 2 ran with the layers shrunk to their ranks
 
 
 def test_fsdp2_grows_like_ddp(results):

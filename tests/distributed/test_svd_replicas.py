@@ -1,4 +1,6 @@
-"""SVDTraining on 2 CPU processes (gloo): sparsity from step 2, energy pruning at step 6, under DDP and FSDP2."""
+"""SVDTraining on 2 CPU processes (gloo): sparsity from step 2, energy pruning at step 6, under DDP and FSDP2.
+
+The prune shrinks the layers, so each run stops there and goes on as stage 2 from the shrunk checkpoint."""
 
 from pathlib import Path
 
@@ -28,6 +30,7 @@ def test_replicas_agree_and_resume_through_the_prune(results, backend):
     assert result["resume_max_abs_diff"] < 1e-6  # the stage (sparsify at the step-4 checkpoint) was restored
     assert result["strategy_state"] == {"stage": "finetune"}
     assert min(result["ranks"]) < 32 and max(result["ranks"]) <= 32  # n_embd = 32: every layer's capacity
+    assert result["capacities"] == result["ranks"]  # stage 2 ran at the pruned ranks: the layers were shrunk
 
 
 def test_fsdp2_trains_like_ddp(results):

@@ -136,3 +136,35 @@ def test_bad_sizes_are_rejected(kwargs, message):
     args = {"in_features": 20, "out_features": 24, "capacity": 12, "rank": 2, "buffer": 3, **kwargs}
     with pytest.raises(ValueError, match=message):
         IncrementalLinear(**args)
+
+
+@pytest.mark.parametrize("base", [False, True])
+def test_shrink_after_truncate_holds_exactly_the_rank_and_moves_the_kept_state(base):
+    layer = _layer(base)
+    x = torch.randn(7, 20)
+    layer.truncate_()
+    optimizer = torch.optim.Adam([p for p in layer.parameters() if p.requires_grad], lr=1e-2)
+    layer(x).square().sum().backward()
+    optimizer.step()
+    old_a, old_b = layer.A, layer.B
+    state_a = optimizer.state[old_a]["exp_avg_sq"].clone()
+    before = layer(x)
+    for move in layer.shrink_():
+        move.apply_(optimizer)
+    assert (layer.rank, layer.capacity, layer.A.shape, layer.B.shape) == (2, 2, (2, 20), (24, 2))
+    torch.testing.assert_close(layer(x), before, rtol=0, atol=0)
+    assert old_a not in optimizer.state and old_b not in optimizer.state
+    torch.testing.assert_close(optimizer.state[layer.A]["exp_avg_sq"], state_a[:2])
+    state_elements = sum(v.numel() for s in optimizer.state.values() for v in s.values() if v.dim() > 0)
+    assert state_elements == 2 * (2 * (20 + 24) + 24)  # two Adam moments of A, B and the bias
+
+
+def test_a_shrunk_layer_loads_into_a_fresh_layer_at_its_capacity():
+    layer = _layer()
+    layer.truncate_()
+    layer.shrink_()
+    fresh = _layer(trained=False, seed=1)
+    fresh.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 20)
+    assert (fresh.capacity, fresh.rank, fresh.buffer) == (2, 2, 0)
+    torch.testing.assert_close(fresh(x), layer(x))

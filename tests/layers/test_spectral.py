@@ -57,6 +57,35 @@ def test_enhanced_gradient_drops_the_singular_value_factor():
     torch.testing.assert_close(layer.s.grad, s.grad)
 
 
+def _bytes_saved_for_backward(layer: SpectralLinear, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward of ``layer(x)``: each storage once, the layer's own tensors free."""
+    owned = {t.untyped_storage().data_ptr() for t in (*layer.parameters(), *layer.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in owned:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_keeps_no_copy_of_the_bases(dtype):
+    m = n = 64
+    tokens, rank = 32, 8
+    _, layer = _layer(m, n, rank)
+    x = torch.randn(tokens, n, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        saved = _bytes_saved_for_backward(layer, x)
+    activations = x.nbytes + tokens * (n + layer.capacity) * dtype.itemsize  # x, x cast to dtype, x V
+    active = (rank * (m + n) + layer.capacity) * dtype.itemsize + layer.active.nbytes  # U_active, V_active, s
+    assert saved <= activations + active  # a copy of a whole basis would add m m' or n m' numbers
+
+
 def test_enhanced_gradient_moves_a_vector_whose_singular_value_is_zero():
     _, layer = _layer()
     with torch.no_grad():

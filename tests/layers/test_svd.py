@@ -147,3 +147,53 @@ def test_bad_conv_arguments_name_the_parameter():
         SVDConv2d.from_conv(nn.Conv2d(4, 6, 3, groups=2))
     with pytest.raises(ValueError, match=r"init must be one of \('dense', 'random'\)"):
         SVDLinear.from_linear(nn.Linear(3, 3), init="orthogonal")
+
+
+def _adam_state_after_one_step(layer: nn.Module, x: torch.Tensor) -> torch.optim.Adam:
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    layer(x).square().sum().backward()
+    optimizer.step()
+    return optimizer
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shrink_drops_pruned_values_from_memory_and_keeps_function_and_state(kind):
+    dense, convert, x = _case(kind)
+    layer = convert(init="random", generator=torch.Generator().manual_seed(0))
+    keep = torch.ones(layer.capacity, dtype=torch.bool)
+    keep[[0, 2]] = False
+    layer.prune_(keep)
+    optimizer = _adam_state_after_one_step(layer, x)
+    old = {"N": layer.N, "s": layer.s, "C": layer.C}
+    old_state = {name: optimizer.state[p]["exp_avg"].clone() for name, p in old.items()}
+    before = layer(x)
+
+    moves = layer.shrink_()
+    for move in moves:
+        move.apply_(optimizer)
+
+    (a, b), k = layer.matrix_shape, int(keep.sum())
+    assert layer.rank == layer.capacity == k
+    assert (layer.N.shape, layer.s.shape, layer.C.shape) == ((a, k), (k,), (k, b))
+    torch.testing.assert_close(layer(x), before, atol=1e-6, rtol=1e-6)
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    assert all(any(p is q for q in held) for p in (layer.N, layer.s, layer.C))
+    assert not any(p is q for p in old.values() for q in held) and not any(p in optimizer.state for p in old.values())
+    torch.testing.assert_close(optimizer.state[layer.N]["exp_avg"], old_state["N"][:, keep])
+    torch.testing.assert_close(optimizer.state[layer.s]["exp_avg"], old_state["s"][keep])
+    torch.testing.assert_close(optimizer.state[layer.C]["exp_avg"], old_state["C"][keep])
+    layer(x).square().sum().backward()
+    optimizer.step()  # the moved state has the new shapes
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_shrunk_layers_state_dict_loads_into_a_fresh_full_capacity_layer(kind):
+    dense, convert, x = _case(kind)
+    layer = convert(init="random", generator=torch.Generator().manual_seed(0))
+    layer.prune_(layer.energy_keep(0.3))
+    layer.shrink_()
+    fresh = convert()
+    assert fresh.capacity > layer.capacity
+    fresh.load_state_dict(layer.state_dict())
+    assert (fresh.rank, fresh.capacity) == (layer.rank, layer.capacity)
+    torch.testing.assert_close(fresh(x), layer(x))

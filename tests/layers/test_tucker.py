@@ -163,6 +163,7 @@ def test_k_step_is_the_projected_gradient_step_of_every_mode(kind):
     x = _input(layer)
     target = torch.randn_like(layer(x))
     core, bases = layer.active_factors()
+    core, bases = core.double(), [None if b is None else b.double() for b in bases]
     gradient = _dense_gradient(layer, x, target).double()
     before = layer(x).detach()
     layer.begin_k_step_()
@@ -193,3 +194,109 @@ def test_grouped_convolution_is_an_error_naming_groups():
         TuckerConv2d.from_conv2d(nn.Conv2d(4, 4, 3, padding_mode="circular"), rank=2)
     with pytest.raises(ValueError, match=r"1 <= rank <= max_rank <= min\(m, n\) = 4"):
         TuckerLinear(4, 6, rank=3, max_rank=5)
+
+
+@pytest.mark.parametrize("kind", ["conv", "conv_spatial"])
+def test_factor_chain_convolution_equals_the_full_kernel_convolution(kind):
+    """Output and every gradient of the 1x1 -> kxk -> 1x1 chain match ``conv2d`` with ``W = C x_i U_i``."""
+    torch.manual_seed(0)
+    layer = LAYERS[kind]()
+    x = _input(layer).requires_grad_()
+    target = torch.randn_like(layer(x))
+    (layer(x) - target).square().sum().backward()
+    chain = {name: p.grad.clone() for name, p in layer.named_parameters()}
+    x_grad = x.grad.clone()
+    layer.zero_grad()
+    x.grad = None
+    core, bases = layer._active(layer.core, [layer.basis(i) for i in range(4)])
+    kernel = tucker_to_tensor(core, bases)
+    y = F.conv2d(x, kernel, layer.bias, layer.stride, layer.padding, layer.dilation)
+    (y - target).square().sum().backward()
+    torch.testing.assert_close(layer(x), y, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x_grad, x.grad, atol=1e-5, rtol=1e-5)
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(chain[name], p.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_factored_k_step_gradients_equal_the_dense_weight_computation(kind):
+    """``dL/dK_i = Mat_i(G x_{j != i} U_j^T) Mat_i(Ten_i(Q_i^T))^T`` with ``G = dL/dW`` from the dense weight,
+    and ``dL/dx`` is the dense layer's, though no ``m x n`` weight is formed."""
+    torch.manual_seed(0)
+    layer = LAYERS[kind]()
+    x = _input(layer).requires_grad_()
+    target = torch.randn_like(layer(x))
+    gradient = _dense_gradient(layer, x, target).double()
+    dense_x_grad = x.grad.clone()
+    x.grad = None
+    _, bases = layer.active_factors()
+    layer.begin_k_step_()
+    (layer(x) - target).square().sum().backward()
+    torch.testing.assert_close(x.grad, dense_x_grad, atol=1e-5, rtol=1e-5)
+    for mode, q_core in enumerate(layer._k_step.q_cores):
+        if q_core is None:
+            continue
+        projections = [None if j == mode or u is None else u.double().T for j, u in enumerate(bases)]
+        expected = unfold(tucker_to_tensor(gradient, projections), mode) @ unfold(q_core.double(), mode).T
+        k_grad = layer.basis(mode).grad[:, : q_core.shape[mode]].double()
+        torch.testing.assert_close(k_grad, expected, atol=1e-5, rtol=1e-4)
+    assert layer.core.grad is None  # the K pass does not touch the core
+    layer.end_k_step_()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_augmentation_spans_orth_of_u_and_d_and_stays_orthonormal(dtype):
+    """``[U | orth((I - U U^T) D)]`` spans ``orth([U | D])`` (float64 QR) and is orthonormal to rounding
+    (float32: 1e-5), also for a ``D`` that is zero or inside ``span(U)``."""
+    g = torch.Generator().manual_seed(0)
+    layer = TuckerLinear(96, 80, rank=12, max_rank=24, bias=False).to(dtype)
+    u = layer.basis_out.detach()[:, :12].double()
+    directions = {"random": torch.randn(80, 12, generator=g), "zero": torch.zeros(80, 12),
+                  "inside": u.float() @ torch.randn(12, 12, generator=g)}
+    for name, d in directions.items():
+        layer.init_from_weight_(torch.randn(80, 96, generator=g))
+        u = layer.basis_out.detach()[:, :12].double()
+        layer.augment_([d.to(dtype), None])
+        new = layer.basis_out.detach()[:, :24].double()
+        gram = new.T @ new - torch.eye(24, dtype=torch.float64)
+        assert gram.abs().max() < (1e-5 if dtype == torch.float32 else 1e-12), name
+        torch.testing.assert_close(new[:, :12], u)  # U itself is kept
+        if name == "random":
+            reference = torch.linalg.qr(torch.cat([u, d.double()], dim=1))[0]
+            tol = 1e-5 if dtype == torch.float32 else 1e-12
+            torch.testing.assert_close(new @ new.T, reference @ reference.T, atol=tol, rtol=0)
+
+
+def _float64_hosvd_truncation(layer, tau: float, min_rank: int):
+    """The previous float64 path: one SVD per mode unfolding, ``U_i <- U_i P_i``, ``C <- C x_i P_i^T``."""
+    core, bases = layer.active_factors()
+    core, maps = core.double(), []
+    for mode, basis in enumerate(bases):
+        if basis is None:
+            maps.append(None)
+            continue
+        left, sigma, _ = torch.linalg.svd(unfold(core, mode), full_matrices=False)
+        rank = min(max(truncation_rank(sigma, tau), min_rank), layer.max_ranks[mode])
+        maps.append(left[:, :rank].T)
+    bases = [None if b is None else b.double() @ p.T for b, p in zip(bases, maps)]
+    return tuple(p.shape[0] if p is not None else n for p, n in zip(maps, core.shape)), \
+        tucker_to_tensor(tucker_to_tensor(core, maps), bases)
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_float32_truncation_equals_the_float64_hosvd(kind):
+    """Same ranks and the same truncated weight within 1e-5 relative to ``||W||`` (float32 SVD of the core;
+    one SVD for a matrix core, whose two unfoldings ``S`` and ``S^T`` share singular vectors)."""
+    torch.manual_seed(0)
+    layer = LAYERS[kind]()
+    g = torch.Generator().manual_seed(4)
+    layer.augment_([None if not f else torch.randn(n, r, generator=g)
+                    for f, n, r in zip(layer.factored, layer.mode_sizes, layer.ranks)])
+    with torch.no_grad():
+        core = layer.core[tuple(slice(0, r) for r in layer.ranks)]
+        core.add_(0.2 * torch.randn(core.shape, generator=g))
+    ranks, reference = _float64_hosvd_truncation(layer, tau=0.2, min_rank=1)
+    layer.truncate_(tau=0.2, min_rank=1)
+    assert layer.ranks == ranks
+    weight = tucker_to_tensor(*layer.active_factors()).double()
+    assert (weight - reference).norm() <= 1e-5 * reference.norm()

@@ -140,8 +140,11 @@ def test_switch_refactors_at_the_found_rank_drops_the_buffer_and_resets_the_fact
     assert strategy.switched and [step for step, _ in strategy.calls][-1] == 100
     assert (layer.rank, layer.buffer, layer.active_rank) == (TEACHER_RANK, 0, TEACHER_RANK)
     assert numel[99] == (TEACHER_RANK + 4) * 64 and layer.trainable_numel() == TEACHER_RANK * 64
+    assert layer.capacity == TEACHER_RANK and layer.A.numel() + layer.B.numel() == TEACHER_RANK * 64  # shrunk
     optimizer = module.trainer.optimizers[0]
     assert optimizer.state[layer.A]["step"].item() == 4  # reset at step 100, then 4 more steps
+    moments = [v for state in optimizer.state.values() for v in state.values() if v.dim() > 0]
+    assert sum(v.numel() for v in moments) == 2 * TEACHER_RANK * 64  # Adam state of the compact factors only
     assert all(step <= 100 for step, _ in strategy.calls)  # no checks after the switch
     loss = nn.functional.mse_loss(module.net(_teacher_data().tensors[0]), _teacher_data().tensors[1])
     assert loss < 1e-3
@@ -190,6 +193,23 @@ def test_checkpoint_after_growth_resumes_with_the_grown_ranks(tmp_path):
          [AtStart()], ckpt_path=str(path))
     assert seen["rank"] == grown and seen["step"] == 64
     torch.testing.assert_close(seen["weight"], module.net[0].dense_weight().detach(), rtol=0, atol=0)
+
+
+def test_checkpoint_after_the_switch_resumes_the_compact_layer_exactly(tmp_path):
+    def strategy():
+        return InRank(init_rank=2, buffer=4, max_rank=16, warmup_steps=20, check_every=5, switch_step=40,
+                      switch_epoch=None)
+
+    data = _teacher_data(n=32)  # one batch per epoch: every run sees the same batches whatever the resume point
+    straight = _fit(strategy(), 56, data=data)
+    first = _fit(strategy(), 48, data=data)
+    path = tmp_path / "switched.ckpt"
+    first.trainer.save_checkpoint(path)
+    resumed = _fit(strategy(), 56, data=data, ckpt_path=str(path))
+    layer = resumed.net[0]
+    assert layer.capacity == layer.rank == straight.net[0].capacity < 16
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
 
 
 def test_growth_is_identical_for_two_replicas(tiny_mlp):

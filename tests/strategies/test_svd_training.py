@@ -355,6 +355,40 @@ def test_stage_and_masks_survive_a_checkpoint(tmp_path):
     assert resumed_strategy.stage == straight_strategy.stage == "finetune"
     ranks = [layer.rank for _, layer in straight_strategy.svd_layers(straight)]
     assert [layer.rank for _, layer in resumed_strategy.svd_layers(resumed)] == ranks
-    assert ranks[0] < straight.net.body[0].capacity
+    assert ranks[0] == straight.net.body[0].capacity < min(straight.net.body[0].matrix_shape)  # shrunk at the prune
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=name)
+
+
+def _state_elements(optimizer: torch.optim.Optimizer) -> int:
+    return sum(v.numel() for state in optimizer.state.values() for v in state.values() if v.dim() > 0)
+
+
+@pytest.mark.filterwarnings("ignore:You.re resuming from a checkpoint that ended before the epoch ended")
+def test_after_the_prune_the_training_state_is_that_of_the_compact_layers_and_resumes_exactly(tmp_path):
+    def strategy():
+        return SVDTraining(sparsity_weight=0.5, sparsify_at=2, prune_at=4, energy=0.3)
+
+    straight_strategy, straight = strategy(), PlainModule()
+    straight_trainer = _trainer([LowRankCallback(straight_strategy, verbose=False)], "32-true", max_steps=8)
+    straight_trainer.fit(straight, _loader(same=True))
+    layers = [layer for _, layer in straight_strategy.svd_layers(straight)]
+    assert all(layer.rank == layer.capacity for layer in layers) and layers[0].rank < min(layers[0].matrix_shape)
+    params = list(straight.parameters())
+    held = [p for group in straight_trainer.optimizers[0].param_groups for p in group["params"]]
+    assert len(held) == len(params) and all(any(p is q for q in params) for p in held)
+    compact = sum(p.numel() for p in params)
+    assert compact == sum(layer.trainable_numel() for layer in layers) + straight.net.head.weight.numel() + \
+        straight.net.head.bias.numel() + straight.net.emb.weight.numel()
+    assert _state_elements(straight_trainer.optimizers[0]) == 2 * compact  # Adam's two moments, nothing more
+
+    first = PlainModule()
+    first_trainer = _trainer([LowRankCallback(strategy(), verbose=False)], "32-true", max_steps=6)
+    first_trainer.fit(first, _loader(same=True))
+    first_trainer.save_checkpoint(tmp_path / "step6.ckpt")  # after the prune: compact layers
+    resumed_strategy, resumed = strategy(), PlainModule()
+    _trainer([LowRankCallback(resumed_strategy, verbose=False)], "32-true", max_steps=8).fit(
+        resumed, _loader(same=True), ckpt_path=tmp_path / "step6.ckpt")
+    assert resumed_strategy.stage == "finetune"
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=name)

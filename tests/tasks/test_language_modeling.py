@@ -5,7 +5,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lr_lightning.data import TextDataModule
 from lr_lightning.layers import LoRALinear
-from lr_lightning.strategies import FullRank, LoRA, ReLoRA
+from lr_lightning.strategies import FullRank, InRank, LoRA, ReLoRA, SVDTraining
 from lr_lightning.tasks import LanguageModelingTask
 
 TINY = {"vocab_size": 32, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32, "warmup_steps": 2}
@@ -60,6 +60,25 @@ def test_load_from_checkpoint_reapplies_the_strategy(tmp_path):
     loaded = LanguageModelingTask.load_from_checkpoint(tmp_path / "last.ckpt")
     assert isinstance(loaded.strategy, ReLoRA) and loaded.strategy.merge_every == 2
     assert isinstance(loaded.model.blocks[0].attn.qkv, LoRALinear)
+    x = torch.randint(0, 32, (2, 16))
+    torch.testing.assert_close(loaded.eval()(x), task.eval()(x))
+
+
+@pytest.mark.parametrize("strategy", [
+    pytest.param(lambda: SVDTraining(sparsify_at=1, prune_at=2, energy=0.2), id="svd-prune"),
+    pytest.param(lambda: InRank(init_rank=2, buffer=2, max_rank=8, warmup_steps=0, check_every=1, switch_step=2,
+                                switch_epoch=None), id="inrank-switch"),
+])
+def test_load_from_checkpoint_of_a_shrunk_model_allocates_the_compact_layers(strategy, tmp_path):
+    task = LanguageModelingTask(strategy=strategy(), **TINY)
+    trainer = _trainer(tmp_path, max_steps=3, enable_checkpointing=False)
+    trainer.fit(task, _loader())
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    shrunk = {name: layer.capacity for name, layer in task.strategy.layers(task)}
+    assert all(shrunk[name] == layer.rank for name, layer in task.strategy.layers(task))
+    assert min(shrunk.values()) < 16  # below every layer's capacity before the event
+    loaded = LanguageModelingTask.load_from_checkpoint(tmp_path / "last.ckpt", strategy=strategy())
+    assert {name: layer.capacity for name, layer in loaded.strategy.layers(loaded)} == shrunk
     x = torch.randint(0, 32, (2, 16))
     torch.testing.assert_close(loaded.eval()(x), task.eval()(x))
 
