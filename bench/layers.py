@@ -332,7 +332,7 @@ def periodic_ops(kind: str, trainee: Trainee, repeats: int, device: torch.device
             augmentations.append(timed(lambda: apply_edits_(
                 [trainee.optimizer], strategy.before_optimizer_step(trainee.model, every)), device))
         return [PeriodicOp("TDLRT truncate (core HOSVD)", min(truncations), every),
-                PeriodicOp("TDLRT augment (QR of [U | -dL/dU])", min(augmentations), every)]
+                PeriodicOp("TDLRT augment (QR of (I - U U^T) dL/dU)", min(augmentations), every)]
     if kind == "svd":
         prune = _on_copy(trainee, lambda t: apply_edits_([t.optimizer], t.strategy.prune(t.model)), device)
         return [PeriodicOp("SVD training prune (standardize + energy)", prune, None)]

@@ -83,4 +83,3 @@ def _zero_(t: torch.Tensor, reset: StateReset, generator: torch.Generator) -> in
         mask = magnitude <= magnitude.flatten().kthvalue(k).values
     t.masked_fill_(mask, 0)
     return int(mask.sum())
-

@@ -131,13 +131,21 @@ class IncrementalLinear(LowRankLayer):
     def spectrum(self) -> torch.Tensor:
         """Singular values of ``B A`` (descending, ``k`` of them, float32) without forming ``B A``.
 
-        ``B = Q_b R_b`` and ``Aᵀ = Q_a R_a`` (QR), so ``B A = Q_b (R_b R_aᵀ) Q_aᵀ`` has the singular
-        values of the ``k x k`` matrix ``R_b R_aᵀ``: O((m + n) k² + k³) instead of O(m n min(m, n)).
-        Only the triangular factors are formed (``Q_b``, ``Q_a`` are not needed here).
+        With ``A Aᵀ = L Lᵀ`` (Cholesky; ``A = Lᵀ Q`` for an orthonormal ``Q``), ``B A`` has the singular
+        values of ``B Lᵀ``: their squares are the eigenvalues of the ``k x k`` matrix ``Lᵀ (Bᵀ B) L``.
+        Two Gram products and small ``k x k`` work: O((m + n) k² + k³) instead of O(m n min(m, n)). If
+        ``A`` is rank-deficient, ``L`` comes from a QR of ``Aᵀ`` instead. The float32 Grams resolve
+        singular values down to about ``1e-4`` of the largest, far below what the explained ratio weighs.
         """
-        _, core, _ = self._reduced_factors(with_bases=False)
-        with torch.autocast(core.device.type, enabled=False):
-            return torch.linalg.svdvals(core)
+        k = self.active_rank
+        b = full_tensor(self.B).detach()[:, :k].float()
+        a = full_tensor(self.A).detach()[:k].float()
+        with torch.autocast(b.device.type, enabled=False):
+            chol, info = torch.linalg.cholesky_ex(a @ a.T)
+            if info.item() != 0:
+                chol = torch.linalg.qr(a.T, mode="r").R.T
+            power = torch.linalg.eigvalsh(chol.T @ (b.T @ b) @ chol)
+            return power.clamp_min(0).sqrt().flip(0)
 
     @torch.no_grad()
     def grow_(self, rank: int, generator: torch.Generator | None = None) -> None:
@@ -212,18 +220,15 @@ class IncrementalLinear(LowRankLayer):
         a = state_dict.get(prefix + "A")
         return None if a is None else a.shape[0]
 
-    def _reduced_factors(self, with_bases: bool = True
-                         ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-        """``(Q_b, R_b R_aᵀ, Q_a)`` in float32 with ``B A = Q_b (R_b R_aᵀ) Q_aᵀ`` over the active columns
-        (``Q_b``, ``Q_a`` are ``None`` without ``with_bases``)."""
+    def _reduced_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(Q_b, R_b R_aᵀ, Q_a)`` in float32 with ``B A = Q_b (R_b R_aᵀ) Q_aᵀ`` over the active columns."""
         k = self.active_rank
         b = full_tensor(self.B).detach()[:, :k].float()
         a = full_tensor(self.A).detach()[:k].float()
-        mode = "reduced" if with_bases else "r"
         with torch.autocast(b.device.type, enabled=False):
-            q_b, r_b = torch.linalg.qr(b, mode=mode)
-            q_a, r_a = torch.linalg.qr(a.T, mode=mode)
-            return (q_b, r_b @ r_a.T, q_a) if with_bases else (None, r_b @ r_a.T, None)
+            q_b, r_b = torch.linalg.qr(b)
+            q_a, r_a = torch.linalg.qr(a.T)
+            return q_b, r_b @ r_a.T, q_a
 
     def export(self) -> nn.Module:
         """``nn.Linear`` with ``W0 + B A`` merged (general InRank), else ``Linear(n, k) -> Linear(k, m)``."""

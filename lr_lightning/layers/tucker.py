@@ -156,6 +156,15 @@ class _BackwardOnly(torch.autograd.Function):
         return grad, ctx.adjoint(grad), None
 
 
+def with_zero_gradient(out: torch.Tensor, unused: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``out`` in value, with a zero gradient for each of ``unused``.
+
+    A pass of the faithful integrator differentiates only what it steps; DDP (without
+    ``find_unused_parameters``) waits for a gradient of every parameter, so the others take part as 0.
+    """
+    return out + sum(t.sum() for t in unused) * 0
+
+
 # ------------------------------------------------------------------------------------------ layers
 class TuckerLayer(LowRankLayer):
     """A weight tensor held as ``W = C x_1 U_1 ... x_d U_d`` with orthonormal ``U_i`` (``n_i x r_i``).
@@ -270,10 +279,11 @@ class TuckerLayer(LowRankLayer):
         """``W x + b`` through the factors at the active ranks (the K-step form between :meth:`begin_k_step_`
         and :meth:`end_k_step_`)."""
         if self._k_step is not None:
-            return self._k_step_forward(x)
+            return with_zero_gradient(self._k_step_forward(x), [self.core])
         bases = [self.basis(i) for i in range(len(self.mode_sizes))]
         if self.bases_frozen:
-            bases = [None if b is None else b.detach() for b in bases]
+            core, frozen = self._active(self.core, [None if b is None else b.detach() for b in bases])
+            return with_zero_gradient(self.tucker_map(x, core, frozen, self.bias), self.basis_parameters())
         core, bases = self._active(self.core, bases)
         return self.tucker_map(x, core, bases, self.bias)
 

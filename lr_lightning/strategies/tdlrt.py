@@ -228,9 +228,10 @@ class BUGOptimizer(Optimizer):
     non-zero ``m``. ``optimizer`` keeps its parameter groups and state (they are shared, so LR
     schedulers and checkpoints work on either object). The closure must zero the gradients and run
     backward, as Lightning's automatic optimization does (with ``accumulate_grad_batches=1``); a
-    closure-less step (fp16 ``GradScaler``) is an error. Each pass differentiates only what it
-    steps (the K pass never touches the cores, the Galerkin pass holds the bases constant), so
-    under DDP use ``DDPStrategy(find_unused_parameters=True)``.
+    closure-less step (fp16 ``GradScaler``) is an error, except at learning rate 0, which only creates
+    the optimizer's state (``torch.distributed.checkpoint`` does that when an FSDP2 run resumes). Each pass differentiates only what it
+    steps (the K pass never touches the cores, the Galerkin pass holds the bases constant); the
+    other parameters take part with a zero gradient, so DDP needs no ``find_unused_parameters``.
     """
 
     def __init__(self, optimizer: Optimizer, strategy: TDLRT, model: nn.Module) -> None:
@@ -241,6 +242,8 @@ class BUGOptimizer(Optimizer):
         self.state = optimizer.state
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        if closure is None and all(float(group.get("lr", 0.0)) == 0 for group in self.param_groups):
+            return self.optimizer.step()  # creates the state only (how FSDP2's checkpoint loading initialises it)
         if closure is None:
             raise RuntimeError("BUGOptimizer.step needs a closure (it evaluates the loss twice per step); "
                                "fp16 mixed precision steps without one: use precision '32-true' or 'bf16-mixed'")

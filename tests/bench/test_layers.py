@@ -66,7 +66,7 @@ def test_tables_have_one_row_per_layer_shape_and_rank_and_name_every_periodic_op
     assert all(row[4] == row[5] == row[6] == "1.00" for row in dense)
     ops = {row[3] for row in bench.ops_rows(results)}
     assert {"ReLoRA merge + reinit + state reset", "SST resample", "InRank rank check (spectrum + grow)",
-            "InRank switch (SVD re-factor)", "TDLRT truncate (core HOSVD)", "TDLRT augment (QR of [U | -dL/dU])",
+            "InRank switch (SVD re-factor)", "TDLRT truncate (core HOSVD)", "TDLRT augment (QR of (I - U U^T) dL/dU)",
             "SVD training prune (standardize + energy)"} <= ops
     assert any(op.startswith("SST re-SVD") for op in ops)
     text = bench.report(results, "header")

@@ -46,3 +46,14 @@ def test_fsdp2_trains_like_ddp(results):
             assert torch.equal(fsdp2[key], ddp[key]), key
         else:
             torch.testing.assert_close(fsdp2[key], ddp[key], atol=1e-4, rtol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_faithful_integrator_trains_and_resumes_under_plain_ddp_and_fsdp2(backend, tmp_path, run_replicas):
+    """Each faithful pass differentiates only what it steps, yet DDP needs no find_unused_parameters; an FSDP2
+    resume initialises the optimizer state through a closure-less step at learning rate 0."""
+    config = {"class_path": "lr_lightning.strategies.TDLRT", "init_args": {
+        "tau": 0.3, "init_rank": INIT_RANK, "max_rank": INIT_RANK, "variant": "faithful", "moments": "reset"}}
+    result = run_replicas(backend, config, tmp_path)
+    assert result["step"] == 8 and result["straight_replicas_equal"] and result["resumed_replicas_equal"]
+    assert result["resume_max_abs_diff"] < 1e-6 and min(result["ranks"]) < INIT_RANK

@@ -240,7 +240,7 @@ def test_factored_k_step_gradients_equal_the_dense_weight_computation(kind):
         expected = unfold(tucker_to_tensor(gradient, projections), mode) @ unfold(q_core.double(), mode).T
         k_grad = layer.basis(mode).grad[:, : q_core.shape[mode]].double()
         torch.testing.assert_close(k_grad, expected, atol=1e-5, rtol=1e-4)
-    assert layer.core.grad is None  # the K pass does not touch the core
+    assert not layer.core.grad.any()  # the K pass does not differentiate the core: it takes part as 0 (DDP)
     layer.end_k_step_()
 
 
