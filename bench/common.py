@@ -61,3 +61,11 @@ def plot_curves(curves: dict[str, Sequence[tuple[float, float]]], xlabel: str, y
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def emit(text: str, out: Path | None) -> None:
+    """Print a benchmark's report and, with ``out``, also write it to that Markdown file."""
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")

@@ -60,7 +60,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine_summary, markdown_table  # noqa: E402
+from bench.common import emit, machine_summary, markdown_table  # noqa: E402
 from lr_lightning.callbacks import lowrank as lowrank_callbacks  # noqa: E402
 from lr_lightning.callbacks.lowrank import apply_edits_  # noqa: E402
 from lr_lightning.layers import IncrementalLinear  # noqa: E402
@@ -498,10 +498,7 @@ def main(argv: list[str] | None = None) -> list[Trainee]:
     print(header, flush=True)
     trainees = run(args.strategies, setup, args.rounds, log=lambda line: print(line, flush=True))
     text = report(trainees, header, cuda=device.type == "cuda")
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(text, args.out)
     return trainees
 
 

@@ -47,7 +47,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine_summary, markdown_table  # noqa: E402
+from bench.common import emit, machine_summary, markdown_table  # noqa: E402
 from lr_lightning.callbacks.lowrank import apply_edits_, shrink_  # noqa: E402
 from lr_lightning.layers import IncrementalLinear, SpectralLinear, SVDLinear  # noqa: E402
 from lr_lightning.optim import StateReset  # noqa: E402
@@ -520,10 +520,7 @@ def main(argv: list[str] | None = None) -> list[CaseResult]:
     results = run(args.shapes, args.rank_fractions, args.layers, args.tokens, args.repeats, device,
                   with_ops=not args.no_ops, log=lambda line: print(line, flush=True))
     text = report(results, header, cuda=device.type == "cuda")
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(text, args.out)
     return results
 
 

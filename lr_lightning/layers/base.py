@@ -90,6 +90,13 @@ class LowRankLayer(nn.Module):
         """
         raise NotImplementedError(f"{type(self).__name__} cannot shrink to its active rank")
 
+    def _keep_(self, name: str, index: tuple[slice | torch.Tensor, ...]) -> ParamMove:
+        """Replace Parameter ``name`` by a new one holding ``old[index]`` (whole, gathered); say where it came from."""
+        old = getattr(self, name)
+        new = nn.Parameter(full_tensor(old).detach()[index].clone(), requires_grad=old.requires_grad)
+        setattr(self, name, new)
+        return ParamMove(old, new, index)
+
     def resize_(self, capacity: int) -> None:
         """Allocate the factors at ``capacity`` with unspecified values, ready for a ``load_state_dict``."""
         raise NotImplementedError(f"{type(self).__name__} cannot change its capacity")

@@ -200,13 +200,7 @@ class IncrementalLinear(LowRankLayer):
         After :meth:`truncate_` (buffer 0) the layer holds, trains and stores exactly ``r (m + n)`` factor entries.
         """
         k = self.active_rank
-        moves = []
-        for name, index in (("A", (slice(0, k),)), ("B", (slice(None), slice(0, k)))):
-            old = getattr(self, name)
-            new = nn.Parameter(full_tensor(old).detach()[index].clone(), requires_grad=old.requires_grad)
-            setattr(self, name, new)
-            moves.append(ParamMove(old, new, index))
-        return moves
+        return [self._keep_("A", (slice(0, k),)), self._keep_("B", (slice(None), slice(0, k)))]
 
     def resize_(self, capacity: int) -> None:
         if not 1 <= capacity <= min(self.in_features, self.out_features):

@@ -172,12 +172,7 @@ class SVDLayer(LowRankLayer):
     def shrink_(self) -> list[ParamMove]:
         """``N, s, C <- N[:, kept], s[kept], C[kept]`` as new Parameters: the pruned values leave memory and work."""
         kept = self.active.nonzero().squeeze(1)
-        moves = []
-        for name, index in (("N", (slice(None), kept)), ("s", (kept,)), ("C", (kept,))):
-            old = getattr(self, name)
-            new = nn.Parameter(full_tensor(old).detach()[index].clone(), requires_grad=old.requires_grad)
-            setattr(self, name, new)
-            moves.append(ParamMove(old, new, index))
+        moves = [self._keep_("N", (slice(None), kept)), self._keep_("s", (kept,)), self._keep_("C", (kept,))]
         self.active = torch.ones(len(kept), dtype=torch.bool, device=self.active.device)
         return moves
 

@@ -63,8 +63,9 @@ class InRank(LowRankStrategy):
     every layer is re-factored by SVD at its found rank with balanced factors, the buffer is
     dropped, the factors' optimizer state is reset, and the callback shrinks the factors to ``r``
     columns (:meth:`layers_to_shrink`): training continues at a fixed rank with ``r (m + n)``
-    parameters, gradients and multiply-adds per token instead of the capacity's. With ``keep_base=True`` the
-    layer is the paper's general InRank, ``W = W0 + B A`` with ``W0`` the frozen initial weight.
+    parameters, gradients and multiply-adds per token instead of the capacity's. With
+    ``keep_base=True`` the layer is the paper's general InRank, ``W = W0 + B A`` with ``W0`` the
+    frozen initial weight.
 
     Args:
         init_rank: ``r_0``, the starting rank.

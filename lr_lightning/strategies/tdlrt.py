@@ -229,9 +229,10 @@ class BUGOptimizer(Optimizer):
     schedulers and checkpoints work on either object). The closure must zero the gradients and run
     backward, as Lightning's automatic optimization does (with ``accumulate_grad_batches=1``); a
     closure-less step (fp16 ``GradScaler``) is an error, except at learning rate 0, which only creates
-    the optimizer's state (``torch.distributed.checkpoint`` does that when an FSDP2 run resumes). Each pass differentiates only what it
-    steps (the K pass never touches the cores, the Galerkin pass holds the bases constant); the
-    other parameters take part with a zero gradient, so DDP needs no ``find_unused_parameters``.
+    the optimizer's state (``torch.distributed.checkpoint`` does that when an FSDP2 run resumes).
+    Each pass differentiates only what it steps (the K pass never touches the cores, the Galerkin
+    pass holds the bases constant); the other parameters take part with a zero gradient, so DDP
+    needs no ``find_unused_parameters``.
     """
 
     def __init__(self, optimizer: Optimizer, strategy: TDLRT, model: nn.Module) -> None:
