@@ -26,6 +26,23 @@ def _restore_torch_state():
         dist.destroy_process_group()
 
 
+class RecordingAdamW(torch.optim.AdamW):
+    """``torch.optim.AdamW`` that records, at every step, the learning rate and weight decay each parameter steps with."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.stepped: list[dict[int, tuple[float, float]]] = []
+
+    def step(self, closure=None):
+        self.stepped.append({id(p): (float(g["lr"]), float(g["weight_decay"]))
+                             for g in self.param_groups for p in g["params"]})
+        return super().step(closure)
+
+    def lrs(self, param: torch.Tensor) -> list[float]:
+        """The learning rate ``param`` stepped with at each step."""
+        return [step[id(param)][0] for step in self.stepped]
+
+
 class TinyMLP(nn.Module):
     """Embedding -> two hidden Linear layers -> head, with a tied-free head named ``head``."""
 

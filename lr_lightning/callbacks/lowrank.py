@@ -1,4 +1,4 @@
-"""``LowRankCallback``: apply a strategy to any LightningModule and run its periodic operation."""
+"""``LowRankCallback``: apply a strategy to any LightningModule and keep its whole contract there."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.optim import Optimizer
+from typing_extensions import override
 
-from lr_lightning.optim import StateEdit
+from lr_lightning.optim import RoleOptimizer, StateEdit, wrap_innermost
 from lr_lightning.strategies.base import LowRankStrategy
 
 CHECKPOINT_KEY = "lowrank_strategy"
@@ -23,20 +25,30 @@ CHECKPOINT_KEY = "lowrank_strategy"
 CAPACITY_KEY = "lowrank_capacities"
 """Checkpoint entry holding each converted layer's capacity, so a resumed run allocates shrunk layers at it."""
 
+UNDECAYED_ROLES = frozenset({"basis", "spectrum"})
+"""Roles stepped without weight decay in any optimizer: a method's bases and spectra (biases keep the module's choice)."""
+
 
 class LowRankCallback(L.Callback):
-    """Converts the model in ``setup`` and runs ``strategy.update`` on optimizer steps.
+    """Applies a strategy to any LightningModule and keeps its whole contract, whatever optimizer the module built.
 
-    ``setup`` runs before ``configure_model``, the DDP/FSDP wrap and ``configure_optimizers``, so
-    the optimizer sees the factorized parameters. The periodic operation fires in
-    ``on_train_batch_end`` once per completed optimizer step (``trainer.global_step``), so gradient
-    accumulation and validation never shift it; ``strategy.after_optimizer_step`` (a projection)
-    runs there on every step first, ``strategy.update_at_epoch_end`` at each epoch's end and
-    ``strategy.before_optimizer_step`` (gradient edits) after AMP unscaling. The optimizer-state
-    edits these return are applied in place (the fraction of state entries changed is logged, so a
-    reset that resets nothing shows), and the converted layers are broadcast from process 0
-    afterwards so replicas cannot drift. ``strategy.metrics`` (ranks, regularizer values) is logged
-    after each operation and every ``log_every_n_steps`` optimizer steps.
+    - ``setup`` converts the model, before ``configure_model``, the DDP/FSDP wrap and
+      ``configure_optimizers``, so the optimizer sees the factorized parameters.
+    - ``on_fit_start`` checks that the optimizers hold every parameter the strategy steps (else it
+      stops with an error that says how to build them), then makes them step as the strategy's
+      groups would (:class:`~lr_lightning.optim.RoleOptimizer`): each parameter's learning rate times
+      ``strategy.lr_multiplier`` (ReLoRA's and SST's re-warmups), on top of any scheduler, and no weight
+      decay on bases and spectra. Last, ``strategy.wrap_optimizer`` wraps them where the method needs it
+      (TDLRT's faithful integrator).
+    - The operations due (``strategy.should_update``) run in ``on_train_batch_end`` once per completed
+      optimizer step (``trainer.global_step``), so gradient accumulation and validation never shift
+      them; ``strategy.after_optimizer_step`` (a projection) runs there on every step first,
+      ``strategy.should_update_at_epoch_end`` is asked at each epoch's end and
+      ``strategy.before_optimizer_step`` (gradient edits) runs after AMP unscaling.
+    - The optimizer-state edits these return are applied in place (the fraction of state entries
+      changed is logged, so a reset that resets nothing shows), and the converted layers are broadcast
+      from process 0 afterwards so replicas cannot drift. ``strategy.metrics`` (ranks, regularizer
+      values) is logged after each operation and every ``log_every_n_steps`` optimizer steps.
 
     Args:
         strategy: The low-rank method to apply.
@@ -50,7 +62,9 @@ class LowRankCallback(L.Callback):
         self.verbose = verbose
         self.last_step = 0
         self.stage_two_checkpoint: str | None = None
+        self.role_optimizers: list[RoleOptimizer] = []
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Convert the model; when resuming, give shrunk layers the checkpoint's capacities before any wrap."""
         self.strategy.apply(pl_module)
@@ -58,20 +72,40 @@ class LowRankCallback(L.Callback):
         if trainer.ckpt_path:
             match_capacities_(self.strategy, pl_module, saved_capacities(trainer.ckpt_path))
 
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Check the optimizers, then make them step as the strategy's contract says (see the class docstring)."""
         self._check_optimizers(trainer, pl_module)
+        trainer.optimizers = [self.keep_contract(optimizer, trainer, pl_module) for optimizer in trainer.optimizers]
         if self.verbose:
             rank_zero_info(str(self.strategy.report(pl_module)))
 
+    def keep_contract(self, optimizer: Optimizer, trainer: L.Trainer, pl_module: L.LightningModule) -> Optimizer:
+        """``optimizer`` stepping with the strategy's LR multipliers and decay rules, wrapped as the method needs."""
+        roles = role_map(self.strategy, pl_module)
+        if scales_lr(self.strategy) or decays_undecayed(optimizer, roles):
+            def wrap(plain: Optimizer) -> RoleOptimizer:
+                wrapped = RoleOptimizer(plain, roles, self.strategy.lr_multiplier, lambda: trainer.global_step,
+                                        UNDECAYED_ROLES)
+                self.role_optimizers.append(wrapped)
+                return wrapped
+            optimizer = wrap_innermost(optimizer, wrap)
+            rank_zero_info(f"{type(self.strategy).__name__}: {type(optimizer).__name__} steps with the strategy's "
+                           f"learning-rate multipliers and no weight decay on {sorted(UNDECAYED_ROLES)} parameters")
+        return self.strategy.wrap_optimizer(optimizer, pl_module)
+
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log(trainer, pl_module)
 
+    @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         edits = self.strategy.before_optimizer_step(pl_module, trainer.global_step)
         if edits:
             apply_edits_([optimizer], edits)
             broadcast_layers_(self.strategy.layers(pl_module))
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
@@ -79,21 +113,26 @@ class LowRankCallback(L.Callback):
             return
         self.last_step = step
         self.strategy.after_optimizer_step(pl_module, step)
-        if self.strategy.should_update(step):
-            self._run(trainer, pl_module, self.strategy.update(pl_module, step))
+        if operations := self.strategy.should_update(step):
+            self._run(trainer, pl_module, operations)
         elif step % trainer.log_every_n_steps == 0:
             self._log(trainer, pl_module)
 
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        edits = self.strategy.update_at_epoch_end(pl_module, trainer.current_epoch)
-        if edits:
-            self._run(trainer, pl_module, edits)
+        if operations := self.strategy.should_update_at_epoch_end(trainer.current_epoch):
+            self._run(trainer, pl_module, operations)
 
-    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, edits: list[StateEdit]) -> None:
-        """Apply an operation's optimizer-state edits, re-sync the layers from process 0, shrink, log."""
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, operations: list[str]) -> None:
+        """Run the operations, apply their optimizer-state edits, re-sync the layers from process 0, shrink, log."""
+        edits = self.strategy.run(pl_module, operations, trainer.global_step)
         zeroed, seen = apply_edits_(trainer.optimizers, edits)
         broadcast_layers_(self.strategy.layers(pl_module))
         shrunk = shrink_(self.strategy, pl_module, trainer.optimizers)
+        if shrunk:
+            roles = role_map(self.strategy, pl_module)
+            for optimizer in self.role_optimizers:
+                optimizer.roles = roles
         self._log(trainer, pl_module, {"lowrank/optimizer_state_zeroed": zeroed / seen} if seen else {})
         if shrunk and not isinstance(trainer.strategy, SingleDeviceStrategy):
             self._stop_for_stage_two(trainer, shrunk)
@@ -114,14 +153,17 @@ class LowRankCallback(L.Callback):
                        f"{trainer.global_step}; a {type(trainer.strategy).__name__} run continues from {path} "
                        "as stage 2 (re-wrapped at the new shapes)")
 
+    @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = self.strategy.to_config()
         checkpoint[CAPACITY_KEY] = {name: layer.capacity for name, layer in self.strategy.layers(pl_module)}
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"last_step": self.last_step, "strategy": self.strategy.state_dict()}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_step = state_dict["last_step"]
         self.strategy.load_state_dict(state_dict["strategy"])
@@ -145,9 +187,25 @@ class LowRankCallback(L.Callback):
             raise RuntimeError(
                 f"The optimizer does not hold {len(missing)} trainable low-rank parameters, e.g. "
                 f"{missing[:3]}: it was built before the strategy converted the model. Build it in "
-                "configure_optimizers from strategy.param_groups(self) (with LightningCLI, take an "
-                "`optimizer: OptimizerCallable` argument instead of --optimizer)."
+                "configure_optimizers from self.parameters() or strategy.param_groups(self) (with LightningCLI, "
+                "take an `optimizer: OptimizerCallable` argument instead of --optimizer)."
             )
+
+
+def role_map(strategy: LowRankStrategy, model: nn.Module) -> dict[int, str]:
+    """``{id(parameter): role}`` of every parameter in ``strategy.param_groups(model)``."""
+    return {id(p): group["lowrank_role"] for group in strategy.param_groups(model) for p in group["params"]}
+
+
+def scales_lr(strategy: LowRankStrategy) -> bool:
+    """Whether ``strategy`` writes its own ``lr_multiplier`` (a re-warmup the optimizer must follow)."""
+    return type(strategy).lr_multiplier is not LowRankStrategy.lr_multiplier
+
+
+def decays_undecayed(optimizer: Optimizer, roles: dict[int, str]) -> bool:
+    """Whether a group of ``optimizer`` with weight decay holds a parameter of a role in ``UNDECAYED_ROLES``."""
+    return any(group.get("weight_decay", 0) != 0 and roles.get(id(p)) in UNDECAYED_ROLES
+               for group in optimizer.param_groups for p in group["params"])
 
 
 def shrink_(strategy: LowRankStrategy, model: nn.Module, optimizers: list[Any]) -> list[str]:

@@ -2,12 +2,9 @@
 
 A strategy is plain configuration plus math. It selects modules by glob patterns (like peft's
 ``target_modules``), converts them into factorized layers, reports their sizes, builds optimizer
-parameter groups, and exposes its periodic operation (``should_update`` / ``update``). When to run
-that operation is the job of :class:`lr_lightning.callbacks.LowRankCallback`.
-
-Subclasses write ``convert`` (and, for methods with a periodic operation, ``should_update`` and
-``update``). Constructor arguments are stored under their own names, which is what ``to_config``
-reads, so a subclass can be rebuilt from a checkpoint.
+parameter groups, and names its operations (a ReLoRA merge, an SST resample) and when they are due.
+Running them at the right time, and everything the optimizer needs around them, is the job of
+:class:`lr_lightning.callbacks.LowRankCallback`.
 """
 
 from __future__ import annotations
@@ -15,9 +12,11 @@ from __future__ import annotations
 import copy
 import difflib
 import fnmatch
+import functools
 import importlib
 import inspect
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,8 +108,76 @@ class StrategyReport:
         ])
 
 
+class RunState:
+    """A strategy attribute that belongs to the run (ReLoRA's merge count, SVD training's stage).
+
+    Declared once as a class attribute, ``merges = RunState(0)``: it reads ``default`` until set, and
+    :meth:`LowRankStrategy.state_dict` saves it in every checkpoint, so a resumed run continues from it.
+    """
+
+    def __init__(self, default: Any) -> None:
+        self.default = default
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, strategy: Any, owner: type | None = None) -> Any:
+        return self if strategy is None else strategy.__dict__.get(self.name, self.default)
+
+    def __set__(self, strategy: Any, value: Any) -> None:
+        strategy.__dict__[self.name] = value
+
+
+def records_arguments(init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a strategy's ``__init__`` so the outermost call stores its arguments as ``init_args``.
+
+    Defaults are filled in and ``**kwargs`` are flattened into the names they were passed under, so
+    ``type(s)(**s.init_args)`` rebuilds ``s`` for any subclass, whatever it stores as attributes.
+    """
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def recording_init(self: LowRankStrategy, *args: Any, **kwargs: Any) -> None:
+        if "init_args" not in self.__dict__:
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            arguments: dict[str, Any] = {}
+            for name, value in list(bound.arguments.items())[1:]:
+                kind = signature.parameters[name].kind
+                if kind is inspect.Parameter.VAR_POSITIONAL and value:
+                    raise TypeError(f"{type(self).__name__}(...) got positional arguments {value} for *{name}: "
+                                    "pass them by name, so checkpoints can rebuild the strategy")
+                if kind is inspect.Parameter.VAR_KEYWORD:
+                    arguments.update(value)
+                elif kind is not inspect.Parameter.VAR_POSITIONAL:
+                    arguments[name] = value
+            self.__dict__["init_args"] = copy.deepcopy(arguments)
+        init(self, *args, **kwargs)
+
+    return recording_init
+
+
 class LowRankStrategy:
     """Base class of every low-rank training method.
+
+    A new method is a layer (a :class:`~lr_lightning.layers.base.LowRankLayer` in ``lr_lightning/layers``)
+    and a subclass of this class; it writes:
+
+    - ``convert(name, module, index)``: the layer that replaces a selected module (``module_types``
+      and ``handles`` say which modules can be selected).
+    - One method per operation, ``op(model, step) -> list[StateEdit]`` (the optimizer-state resets or
+      transports the operation calls for), listed with its period in :meth:`operations`, and the
+      schedule: :meth:`should_update` (after optimizer steps) and/or :meth:`should_update_at_epoch_end`
+      return the names of the operations due. ``should_update`` only decides; it changes nothing.
+    - Where the method needs them: :meth:`before_optimizer_step` (gradient edits),
+      :meth:`after_optimizer_step` (projections), :meth:`lr_multiplier` (re-warmups),
+      :meth:`param_groups`, :meth:`wrap_optimizer` (several passes per step), :meth:`layers_to_shrink`
+      and :meth:`metrics`.
+    - Run state as :class:`RunState` class attributes; never a hand-written ``state_dict``.
+
+    Constructor arguments are recorded automatically (:attr:`init_args`), so ``to_config``, ``repr`` and
+    checkpoints work for any subclass. :class:`~lr_lightning.callbacks.LowRankCallback` keeps the rest of
+    the contract for any LightningModule; nothing else needs to know the method.
 
     Args:
         target_modules: Glob patterns on qualified module names (``"*.attn.*"``). ``None`` selects
@@ -122,6 +189,15 @@ class LowRankStrategy:
     module_types: tuple[type[nn.Module], ...] = (nn.Linear,)
     """Module classes this strategy converts (each must have a 2-D ``weight``)."""
 
+    init_args: dict[str, Any]
+    """The constructor's arguments, defaults included (recorded by the outermost ``__init__``)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = records_arguments(cls.__dict__["__init__"])  # type: ignore[method-assign]
+
+    @records_arguments
     def __init__(self, target_modules: list[str] | None = None, exclude_modules: list[str] | None = None) -> None:
         for arg, value in (("target_modules", target_modules), ("exclude_modules", exclude_modules)):
             if value is not None and (isinstance(value, str) or not all(isinstance(p, str) for p in value)):
@@ -263,18 +339,32 @@ class LowRankStrategy:
         """Factor on the learning rate of the ``role`` group after ``step`` optimizer steps."""
         return 1.0
 
-    # ----------------------------------------------------------------------------- periodic op
-    def should_update(self, step: int) -> bool:
-        """Whether the periodic operation runs once ``step`` optimizer steps have completed."""
-        return False
+    # ----------------------------------------------------------------------------- operations
+    def operations(self, model: nn.Module) -> dict[str, int | None]:
+        """Each operation's name and its period on ``model`` in optimizer steps (``None``: it runs once)."""
+        return {}
+
+    def should_update(self, step: int) -> list[str]:
+        """The operations due once ``step`` optimizer steps have completed, in the order they run."""
+        return []
+
+    def should_update_at_epoch_end(self, epoch: int) -> list[str]:
+        """The operations due once training epoch ``epoch`` (0-based) has ended."""
+        return []
+
+    def run(self, model: nn.Module, operations: list[str], step: int) -> list[StateEdit]:
+        """Run the named operations in order after ``step`` optimizer steps; return their optimizer-state edits."""
+        known = self.operations(model)
+        edits: list[StateEdit] = []
+        for name in operations:
+            if name not in known:
+                raise ValueError(f"{type(self).__name__} has no operation {name!r}; its operations: {list(known)}")
+            edits += getattr(self, name)(model, step)
+        return edits
 
     def update(self, model: nn.Module, step: int) -> list[StateEdit]:
-        """Run the periodic operation; return the optimizer-state edits (resets, transports) it calls for."""
-        return []
-
-    def update_at_epoch_end(self, model: nn.Module, epoch: int) -> list[StateEdit]:
-        """Run an operation scheduled by epoch, once training epoch ``epoch`` (0-based) has ended."""
-        return []
+        """Run the operations due after ``step`` optimizer steps (``run(model, should_update(step), step)``)."""
+        return self.run(model, self.should_update(step), step)
 
     def before_optimizer_step(self, model: nn.Module, step: int) -> list[StateEdit]:
         """Edit gradients after backward and AMP unscaling, before clipping and optimizer step ``step + 1``.
@@ -302,20 +392,25 @@ class LowRankStrategy:
         return {"lowrank/total_rank": float(sum(ranks))} if ranks else {}
 
     # ----------------------------------------------------------------------------- checkpoint
+    def run_state_names(self) -> list[str]:
+        """The :class:`RunState` attributes of this strategy's class and its bases."""
+        return [name for cls in reversed(type(self).__mro__) for name, value in vars(cls).items()
+                if isinstance(value, RunState)]
+
     def state_dict(self) -> dict[str, Any]:
-        """Schedule position and other state not held in the model's buffers."""
-        return {}
+        """Every :class:`RunState` attribute's value (schedule position and other state outside the model)."""
+        return {name: copy.deepcopy(getattr(self, name)) for name in self.run_state_names()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what :meth:`state_dict` returned; attributes a checkpoint lacks keep their value."""
+        for name in self.run_state_names():
+            if name in state:
+                setattr(self, name, state[name])
 
     def to_config(self) -> dict[str, Any]:
         """``{"class_path", "init_args"}`` of this strategy (LightningCLI's format)."""
         cls = type(self)
-        params = [p for p in inspect.signature(cls.__init__).parameters.values()
-                  if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-        return {"class_path": f"{cls.__module__}.{cls.__qualname__}",
-                "init_args": {p.name: copy.deepcopy(getattr(self, p.name)) for p in params}}
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": copy.deepcopy(self.init_args)}
 
     # ----------------------------------------------------------------------------- export
     def export(self, model: nn.Module) -> nn.Module:

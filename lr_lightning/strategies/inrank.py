@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -10,7 +10,13 @@ from torch import nn
 
 from lr_lightning.layers.incremental import IncrementalLinear
 from lr_lightning.optim import StateEdit, StateReset
-from lr_lightning.strategies.base import LowRankStrategy, check_rank_argument, layer_generator, resolve_rank
+from lr_lightning.strategies.base import (
+    LowRankStrategy,
+    RunState,
+    check_rank_argument,
+    layer_generator,
+    resolve_rank,
+)
 
 RatioKind = Literal["variance", "energy"]
 
@@ -94,6 +100,9 @@ class InRank(LowRankStrategy):
         exclude_modules: See :class:`LowRankStrategy`.
     """
 
+    switched = RunState(False)
+    """Whether the ranks are fixed (InRank-Efficient's second stage)."""
+
     def __init__(
         self,
         init_rank: int = 2,
@@ -129,7 +138,6 @@ class InRank(LowRankStrategy):
         self.init_rank, self.buffer, self.threshold, self.ratio = init_rank, buffer, threshold, ratio
         self.warmup_steps, self.check_every, self.max_rank = warmup_steps, check_every, max_rank
         self.keep_base, self.switch_step, self.switch_epoch, self.seed = keep_base, switch_step, switch_epoch, seed
-        self.switched = False
 
     def convert(self, name: str, module: nn.Module, index: int) -> nn.Module:
         m, n = module.weight.shape
@@ -147,26 +155,23 @@ class InRank(LowRankStrategy):
         """Whether a rank check runs after optimizer step ``step`` (multiples of ``check_every`` past warmup)."""
         return not self.switched and step > self.warmup_steps and step % self.check_every == 0
 
-    def should_update(self, step: int) -> bool:
-        return self.is_check_step(step) or (not self.switched and step == self.switch_step)
+    def operations(self, model: nn.Module) -> dict[str, int | None]:
+        return {"grow": self.check_every, "switch": None}
 
-    def update(self, model: nn.Module, step: int) -> list[StateEdit]:
-        """Grow the ranks on a check step; re-factor at the found ranks on ``switch_step``."""
-        if self.is_check_step(step):
-            self.grow(model, step)
-        if step == self.switch_step and not self.switched:
-            return self.switch(model)
-        return []
+    def should_update(self, step: int) -> list[str]:
+        """``grow`` on a check step; ``switch`` after ``switch_step``."""
+        due = ["grow"] if self.is_check_step(step) else []
+        return due + (["switch"] if not self.switched and step == self.switch_step else [])
 
-    def update_at_epoch_end(self, model: nn.Module, epoch: int) -> list[StateEdit]:
-        """Re-factor at the found ranks once epoch ``switch_epoch`` ends (unless ``switch_step`` is set)."""
-        if self.switch_step is None and epoch == self.switch_epoch and not self.switched:
-            return self.switch(model)
-        return []
+    def should_update_at_epoch_end(self, epoch: int) -> list[str]:
+        """``switch`` once epoch ``switch_epoch`` ends (unless ``switch_step`` is set)."""
+        due = self.switch_step is None and epoch == self.switch_epoch and not self.switched
+        return ["switch"] if due else []
 
     # ----------------------------------------------------------------------------- operations
-    def grow(self, model: nn.Module, step: int) -> dict[str, int]:
-        """Set each layer's rank from its spectrum (decided on process 0); return the new ranks by layer name."""
+    def grow(self, model: nn.Module, step: int) -> list[StateEdit]:
+        """Set each layer's rank from its spectrum (decided on process 0). New columns keep the function
+        (``B = 0``) and their optimizer state is zero (unused capacity never had a gradient): no edit."""
         layers = self._incremental_layers(model)
         ranks = []
         for _, _, layer in layers:
@@ -176,9 +181,9 @@ class InRank(LowRankStrategy):
         ranks = _from_process_zero(ranks, layers[0][2].current_rank.device) if layers else ranks
         for (index, _, layer), rank in zip(layers, ranks):
             layer.grow_(rank, layer_generator(self.seed, index, step))
-        return {name: rank for (_, name, _), rank in zip(layers, ranks)}
+        return []
 
-    def switch(self, model: nn.Module) -> list[StateEdit]:
+    def switch(self, model: nn.Module, step: int) -> list[StateEdit]:
         """InRank-Efficient's second stage: SVD re-factor at rank ``r``, no buffer; reset the factors' state."""
         factors = []
         for _, _, layer in self._incremental_layers(model):
@@ -204,12 +209,6 @@ class InRank(LowRankStrategy):
         active = sum(layer.active_rank for _, _, layer in self._incremental_layers(model))
         return {**super().metrics(model), "inrank/total_active_rank": float(active),
                 "inrank/switched": float(self.switched)}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"switched": self.switched}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.switched = bool(state.get("switched", False))
 
 
 def _from_process_zero(values: list[int], device: torch.device) -> list[int]:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from lr_lightning.layers.lora import LoRALinear
 from lr_lightning.optim import RESET_MODES, ResetMode, StateEdit, StateReset
-from lr_lightning.strategies.base import layer_generator
+from lr_lightning.strategies.base import RunState, layer_generator
 from lr_lightning.strategies.lora import LoRA
 
 
@@ -41,6 +39,9 @@ class ReLoRA(LoRA):
         exclude_modules: See :class:`LowRankStrategy`.
     """
 
+    merges = RunState(0)
+    """Merges done so far (they seed the re-drawn ``A``)."""
+
     def __init__(
         self,
         rank: int | float = 0.25,
@@ -69,18 +70,20 @@ class ReLoRA(LoRA):
             raise ValueError(f"warm_start_steps must be >= 0, got {warm_start_steps}")
         self.merge_every, self.reset, self.reset_fraction = merge_every, reset, reset_fraction
         self.restart_warmup_steps, self.warm_start_steps = restart_warmup_steps, warm_start_steps
-        self.merges = 0
 
     @property
     def trains_base(self) -> bool:
         return self.warm_start_steps > 0
 
-    def should_update(self, step: int) -> bool:
+    def operations(self, model: nn.Module) -> dict[str, int | None]:
+        return {"merge": self.merge_every}
+
+    def should_update(self, step: int) -> list[str]:
         """Merge at the end of the warm start and every ``merge_every`` steps after it."""
         since = step - self.warm_start_steps
-        return since >= 0 and since % self.merge_every == 0 and step > 0
+        return ["merge"] if since >= 0 and since % self.merge_every == 0 and step > 0 else []
 
-    def update(self, model: nn.Module, step: int) -> list[StateEdit]:
+    def merge(self, model: nn.Module, step: int) -> list[StateEdit]:
         """Merge ``B A`` into ``W0`` and re-draw ``A`` in every layer; reset their optimizer state."""
         self.merges += 1
         factors = []
@@ -113,9 +116,3 @@ class ReLoRA(LoRA):
 
     def metrics(self, model: nn.Module) -> dict[str, float]:
         return {**super().metrics(model), "relora/merges": float(self.merges)}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"merges": self.merges}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.merges = int(state.get("merges", 0))

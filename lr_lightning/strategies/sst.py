@@ -77,26 +77,42 @@ class SST(LowRankStrategy):
 
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Projected step: clamp ``s`` at 0 and renormalise the active singular vectors."""
-        for _, layer in self.layers(model):
-            if isinstance(layer, SpectralLinear):
-                layer.project_()
+        for _, layer in self.spectral_layers(model):
+            layer.project_()
 
-    def should_update(self, step: int) -> bool:
-        return step > 0 and step % self.iteration_interval == 0
+    def operations(self, model: nn.Module) -> dict[str, int | None]:
+        """``resample`` every ``iteration_interval`` steps; ``resvd`` once a round ends (the longest round)."""
+        rounds = [self.rounds_of(layer) for _, layer in self.spectral_layers(model)]
+        return {"resvd": self.iteration_interval * max(rounds, default=1), "resample": self.iteration_interval}
 
-    def update(self, model: nn.Module, step: int) -> list[StateEdit]:
-        """End of an iteration: re-SVD the layers whose round ends, then draw every layer's new active set."""
+    def should_update(self, step: int) -> list[str]:
+        """At the end of every iteration: re-SVD the layers whose round ends, then draw new active sets."""
+        return ["resvd", "resample"] if step > 0 and step % self.iteration_interval == 0 else []
+
+    def resvd(self, model: nn.Module, step: int) -> list[StateEdit]:
+        """``[U, s, V] <- SVD(U diag(s) V^T)`` in every layer whose round of draws ends after ``step``; reset ``s``'s
+        moments (its entries are re-sorted)."""
         draw = step // self.iteration_interval
-        active, spectra = [], []
-        for index, (_, layer) in enumerate(self.layers(model)):
-            if not isinstance(layer, SpectralLinear):
-                continue
+        spectra = []
+        for _, layer in self.spectral_layers(model):
             if draw % self.rounds_of(layer) == 0:
                 layer.resvd_()
                 spectra.append(layer.s)
-            layer.select_(layer.sample(layer_generator(self.seed, index, draw), self.uniform_mix))
-            active += [layer.U_active, layer.V_active]
-        return [StateReset(active, "full"), StateReset(spectra, "full")]
+        return [StateReset(spectra, "full")]
+
+    def resample(self, model: nn.Module, step: int) -> list[StateEdit]:
+        """Draw every layer's next ``r`` active pairs from ``p_i``; reset the active vectors' optimizer state."""
+        draw = step // self.iteration_interval
+        active = []
+        for index, (_, layer) in enumerate(self.layers(model)):
+            if isinstance(layer, SpectralLinear):
+                layer.select_(layer.sample(layer_generator(self.seed, index, draw), self.uniform_mix))
+                active += [layer.U_active, layer.V_active]
+        return [StateReset(active, "full")]
+
+    def spectral_layers(self, model: nn.Module) -> list[tuple[str, SpectralLinear]]:
+        """The converted layers of ``model``."""
+        return [(n, m) for n, m in self.layers(model) if isinstance(m, SpectralLinear)]
 
     def lr_multiplier(self, step: int, role: str) -> float:
         """A linear ramp from 0 to 1 over ``restart_warmup_steps`` for ``U, V`` after each draw."""

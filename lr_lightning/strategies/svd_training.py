@@ -11,14 +11,14 @@ energy pruning at ``prune_at`` followed by fine-tuning with sparsity off.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
 from lr_lightning.layers.svd import DECOMPOSITIONS, SVD_INITS, Decomposition, SVDConv2d, SVDInit, SVDLayer, SVDLinear
 from lr_lightning.optim import StateEdit, StateReset
-from lr_lightning.strategies.base import LowRankStrategy, layer_generator
+from lr_lightning.strategies.base import LowRankStrategy, RunState, layer_generator
 
 Sparsity = Literal["hoyer", "hoyer_square", "l1"]
 SPARSITIES: tuple[str, ...] = ("hoyer", "hoyer_square", "l1")
@@ -88,6 +88,8 @@ class SVDTraining(LowRankStrategy):
     """
 
     module_types = (*LowRankStrategy.module_types, nn.Conv2d)
+    stage = RunState("train")
+    """``train``, ``sparsify`` or ``finetune`` (see the schedule above)."""
 
     def __init__(
         self,
@@ -196,26 +198,28 @@ class SVDTraining(LowRankStrategy):
         return []
 
     # ----------------------------------------------------------------------------- stages
-    def should_update(self, step: int) -> bool:
-        """With ``unit="step"``: at ``sparsify_at`` and ``prune_at`` steps completed."""
-        return self.unit == "step" and step > 0 and step in (self.sparsify_at, self.prune_at)
+    def operations(self, model: nn.Module) -> dict[str, int | None]:
+        return {"sparsify": None, "prune": None}
 
-    def update(self, model: nn.Module, step: int) -> list[StateEdit]:
-        """Start sparsity or prune, whichever is due after ``step`` optimizer steps."""
-        return self._advance(model, step) if self.unit == "step" else []
+    def should_update(self, step: int) -> list[str]:
+        """With ``unit="step"``: the stage change due once ``step`` optimizer steps have completed."""
+        return self._due(step) if self.unit == "step" and step > 0 else []
 
-    def update_at_epoch_end(self, model: nn.Module, epoch: int) -> list[StateEdit]:
+    def should_update_at_epoch_end(self, epoch: int) -> list[str]:
         """With ``unit="epoch"``: the stage change due once ``epoch + 1`` epochs have completed."""
-        return self._advance(model, epoch + 1) if self.unit == "epoch" else []
+        return self._due(epoch + 1) if self.unit == "epoch" else []
 
-    def _advance(self, model: nn.Module, completed: int) -> list[StateEdit]:
-        if completed == self.sparsify_at and self.stage == "train":
+    def _due(self, completed: int) -> list[str]:
+        due = ["sparsify"] if completed == self.sparsify_at else []
+        return due + (["prune"] if completed == self.prune_at else [])
+
+    def sparsify(self, model: nn.Module, step: int) -> list[StateEdit]:
+        """Enter stage ``sparsify`` from ``train``: ``R_s`` joins the objective (no layer or optimizer state changes)."""
+        if self.stage == "train":
             self.stage = "sparsify"
-        if completed == self.prune_at and self.stage != "finetune":
-            return self.prune(model)
         return []
 
-    def prune(self, model: nn.Module) -> list[StateEdit]:
+    def prune(self, model: nn.Module, step: int) -> list[StateEdit]:
         """Energy-prune every layer (after ``standardize_`` if set) and enter ``finetune``.
 
         Returns a full reset of the optimizer state of ``N``, ``s``, ``C`` in the layers it rewrote.
@@ -242,9 +246,3 @@ class SVDTraining(LowRankStrategy):
             orthogonality, sparsity = self.penalties(model)
         return {**super().metrics(model), "svd/orthogonality": float(orthogonality),
                 "svd/sparsity": float(sparsity), "svd/stage": float(STAGES.index(self.stage))}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.stage = state.get("stage", self.stage)

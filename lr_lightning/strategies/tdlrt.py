@@ -10,7 +10,8 @@ by HOSVD with relative tolerance ``tau``. Two variants:
   and that step skips the factorized layers; the steps in between train only the cores; the core
   is truncated right before the next augmentation. One forward/backward per batch.
 - ``faithful``: every optimizer step is a whole integrator step (two forward/backward passes). It
-  needs the optimizer wrapped by :meth:`TDLRT.wrap_optimizer`, which returns a :class:`BUGOptimizer`.
+  needs the optimizer wrapped by :meth:`TDLRT.wrap_optimizer`, which returns a :class:`BUGOptimizer`
+  (:class:`~lr_lightning.callbacks.LowRankCallback` does that at fit start).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch.optim import Optimizer
 
 from lr_lightning.layers.tensors import full_tensor
 from lr_lightning.layers.tucker import TuckerChange, TuckerConv2d, TuckerLayer, TuckerLinear
-from lr_lightning.optim import StateEdit, StateReset
+from lr_lightning.optim import OptimizerWrapper, StateEdit, StateReset
 from lr_lightning.optim_transport import CoreMomentTransport
 from lr_lightning.strategies.base import LowRankStrategy, check_rank_argument
 
@@ -134,7 +135,7 @@ class TDLRT(LowRankStrategy):
         return [(n, m) for n, m in self.layers(model) if isinstance(m, TuckerLayer)]
 
     # ----------------------------------------------------------------------------- integrator steps
-    def augment(self, model: nn.Module) -> list[StateEdit]:
+    def augment(self, model: nn.Module, step: int) -> list[StateEdit]:
         """``U_i <- orth([U_i | -dL/dU_i])`` in every layer from the current basis gradients (the cheap
         variant's basis update); the core is padded with zeros, so the function is unchanged.
         """
@@ -147,7 +148,7 @@ class TDLRT(LowRankStrategy):
             edits.append(self.moment_edit(layer, layer.augment_(directions)))
         return edits
 
-    def truncate(self, model: nn.Module) -> list[StateEdit]:
+    def truncate(self, model: nn.Module, step: int) -> list[StateEdit]:
         """Truncate every layer's core by HOSVD with tolerance ``tau``, ranks in ``[min_rank, max_rank]``."""
         return [self.moment_edit(layer, layer.truncate_(self.tau, self.min_rank))
                 for _, layer in self.tucker_layers(model)]
@@ -172,11 +173,11 @@ class TDLRT(LowRankStrategy):
         """
         if self.variant == "faithful":
             if not self.integrating:
-                raise RuntimeError("TDLRT(variant='faithful') needs the optimizer wrapped: return "
-                                   "strategy.wrap_optimizer(optimizer, self) from configure_optimizers")
+                raise RuntimeError("TDLRT(variant='faithful') steps through strategy.wrap_optimizer(optimizer, model): "
+                                   "LowRankCallback installs it at fit start; without the callback, step that")
             return []
         augmenting = self.is_augment_step(step)
-        edits = self.augment(model) if augmenting else []
+        edits = self.augment(model, step) if augmenting else []
         for _, layer in self.tucker_layers(model):
             for basis in layer.basis_parameters():
                 basis.grad = None
@@ -184,12 +185,17 @@ class TDLRT(LowRankStrategy):
                 layer.core.grad = None
         return edits
 
-    def should_update(self, step: int) -> bool:
-        """Cheap variant: truncate once every ``augment_every`` steps, right before the next augmentation."""
-        return self.variant == "cheap" and step > 0 and step % self.augment_every == 0
+    def operations(self, model: nn.Module) -> dict[str, int | None]:
+        """Cheap variant: ``augment`` (from the fresh gradients, before a step) and ``truncate`` every
+        ``augment_every`` steps. Faithful: ``truncate`` every step, inside :class:`BUGOptimizer` (whose
+        augmentation comes from the K-step, not from :meth:`augment`)."""
+        if self.variant == "cheap":
+            return {"augment": self.augment_every, "truncate": self.augment_every}
+        return {"truncate": 1}
 
-    def update(self, model: nn.Module, step: int) -> list[StateEdit]:
-        return self.truncate(model)
+    def should_update(self, step: int) -> list[str]:
+        """Cheap variant: truncate once every ``augment_every`` steps, right before the next augmentation."""
+        return ["truncate"] if self.variant == "cheap" and step > 0 and step % self.augment_every == 0 else []
 
     def param_groups(self, model: nn.Module, weight_decay: float | None = None) -> list[dict[str, Any]]:
         """:meth:`LowRankStrategy.param_groups` without the ``basis`` group in the cheap variant: its bases
@@ -200,8 +206,10 @@ class TDLRT(LowRankStrategy):
         return groups if self.variant == "faithful" else [g for g in groups if g["lowrank_role"] != "basis"]
 
     def wrap_optimizer(self, optimizer: Optimizer, model: nn.Module) -> Optimizer:
-        """The faithful variant's :class:`BUGOptimizer` around ``optimizer``; ``optimizer`` itself for ``cheap``."""
-        return BUGOptimizer(optimizer, self, model) if self.variant == "faithful" else optimizer
+        """The faithful variant's :class:`BUGOptimizer` around ``optimizer`` (once); ``optimizer`` itself for ``cheap``."""
+        if self.variant == "cheap" or isinstance(optimizer, BUGOptimizer):
+            return optimizer
+        return BUGOptimizer(optimizer, self, model)
 
     # ----------------------------------------------------------------------------- reporting
     def compression(self, model: nn.Module) -> float:
@@ -212,7 +220,7 @@ class TDLRT(LowRankStrategy):
         return {**super().metrics(model), "tdlrt/compression": self.compression(model)}
 
 
-class BUGOptimizer(Optimizer):
+class BUGOptimizer(OptimizerWrapper):
     """Each ``step(closure)`` is one step of the rank-adaptive augmented BUG integrator for ``strategy``'s layers.
 
     1. K-step: every basis holds ``K_i = U_i S_i``; ``closure()`` gives all ``dL/dK_i`` in one
@@ -225,8 +233,8 @@ class BUGOptimizer(Optimizer):
 
     DLRT trains this integrator with SGD. With Adam, prefer ``moments="reset"``: truncation rotates
     the core every step, and the square-root transport of ``v`` can then cancel to ~0 under a
-    non-zero ``m``. ``optimizer`` keeps its parameter groups and state (they are shared, so LR
-    schedulers and checkpoints work on either object). The closure must zero the gradients and run
+    non-zero ``m``. ``optimizer`` keeps its parameter groups and state (:class:`OptimizerWrapper`).
+    :class:`~lr_lightning.callbacks.LowRankCallback` installs this wrapper at fit start. The closure must zero the gradients and run
     backward, as Lightning's automatic optimization does (with ``accumulate_grad_batches=1``); a
     closure-less step (fp16 ``GradScaler``) is an error, except at learning rate 0, which only creates
     the optimizer's state (``torch.distributed.checkpoint`` does that when an FSDP2 run resumes).
@@ -236,11 +244,10 @@ class BUGOptimizer(Optimizer):
     """
 
     def __init__(self, optimizer: Optimizer, strategy: TDLRT, model: nn.Module) -> None:
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        self.optimizer, self.strategy, self.model = optimizer, strategy, model
-        super().__init__(optimizer.param_groups, optimizer.defaults)
-        self.state = optimizer.state
+        super().__init__(optimizer)
+        self.strategy, self.model = strategy, model
+        self.steps = 0
+        """Integrator steps taken by this object (the ``step`` its truncations are told)."""
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         if closure is None and all(float(group.get("lr", 0.0)) == 0 for group in self.param_groups):
@@ -266,7 +273,8 @@ class BUGOptimizer(Optimizer):
             with torch.enable_grad():
                 closure()
             self._step_only(lambda p: id(p) not in bases)
-            self._apply(self.strategy.truncate(self.model))
+            self.steps += 1
+            self._apply(self.strategy.truncate(self.model, self.steps))
         finally:
             self.strategy.integrating = False
             for layer in layers:
@@ -283,13 +291,3 @@ class BUGOptimizer(Optimizer):
     def _apply(self, edits: list[StateEdit]) -> None:
         for edit in edits:
             edit.apply_(self.optimizer)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state_dict)
-        self.param_groups, self.state = self.optimizer.param_groups, self.optimizer.state

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from typing_extensions import override
 
 from lr_lightning.callbacks import LowRankCallback
 from lr_lightning.callbacks.lowrank import CHECKPOINT_KEY
+from lr_lightning.schedules import warmup_cosine
 from lr_lightning.strategies import FullRank, LowRankStrategy, strategy_from_config
 
 
@@ -18,9 +23,11 @@ class StrategyTask(L.LightningModule):
     """A LightningModule whose ``self.model`` (from :meth:`build_model`) is converted by ``self.strategy``.
 
     Subclasses call ``super().__init__(strategy, optimizer, warmup_steps, min_lr_ratio)``, save their
-    hyperparameters, then call :meth:`install_model`, which converts what :meth:`build_model` returns.
-    The base class runs the strategy's :class:`LowRankCallback` and re-applies a checkpoint's strategy
-    in ``load_from_checkpoint``.
+    hyperparameters (``warmup_steps`` and ``min_lr_ratio`` among them), then call :meth:`install_model`,
+    which converts what :meth:`build_model` returns. The base class runs the strategy's
+    :class:`LowRankCallback` (which applies the strategy's LR multipliers and optimizer wrapper),
+    builds the optimizer from :meth:`param_groups` and a per-step scheduler from :meth:`lr_schedule`,
+    and re-applies a checkpoint's strategy in ``load_from_checkpoint``.
     """
 
     def __init__(self, strategy: LowRankStrategy | None, optimizer: Callable[..., torch.optim.Optimizer],
@@ -42,6 +49,33 @@ class StrategyTask(L.LightningModule):
         self.model = self.build_model()
         self.strategy.apply(self)
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: the strategy's (each tagged with its ``lowrank_role``)."""
+        return self.strategy.param_groups(self)
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer factory called with :meth:`param_groups`."""
+        return self.optimizer_factory(self.param_groups())
+
+    def total_steps(self) -> int | None:
+        """Optimizer steps of the whole run, or ``None`` when it has no planned end (``max_steps=-1``, no epoch limit)."""
+        total = self.trainer.estimated_stepping_batches
+        return int(total) if math.isfinite(total) else None
+
+    def lr_schedule(self) -> Callable[[int], float]:
+        """The base LR factor per optimizer step: linear warmup, then cosine decay to ``min_lr_ratio`` at the end
+        of the run (no decay when the run has no planned end)."""
+        total = self.total_steps()
+        return partial(warmup_cosine, warmup_steps=self.hparams.warmup_steps,
+                       total_steps=total if total is not None else 2**62, min_lr_ratio=self.hparams.min_lr_ratio)
+
+    @override
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.build_optimizer()
+        scheduler = LambdaLR(optimizer, self.lr_schedule())
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Re-apply the checkpoint's strategy before its weights load (``load_from_checkpoint``)."""
         config = checkpoint.get(CHECKPOINT_KEY)
@@ -53,5 +87,6 @@ class StrategyTask(L.LightningModule):
         self.strategy = strategy_from_config(config)
         self.install_model()
 
+    @override
     def configure_callbacks(self) -> list[L.Callback]:
         return [LowRankCallback(self.strategy)]

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +11,6 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torchmetrics.text import Perplexity
 
 from lr_lightning.models import GPT, GPTConfig
-from lr_lightning.schedules import strategy_lr_scheduler, warmup_cosine
 from lr_lightning.strategies import LowRankStrategy
 from lr_lightning.tasks.base import StrategyTask
 
@@ -22,9 +20,9 @@ class LanguageModelingTask(StrategyTask):
 
     The strategy converts the decoder's linear layers in ``__init__`` (module names start with
     ``model.``, e.g. ``model.blocks.0.attn.qkv``), so checkpoints and ``load_from_checkpoint`` see
-    the factorized parameters. The optimizer is built in ``configure_optimizers`` from
-    ``strategy.param_groups``, with linear warmup and cosine decay multiplied by the strategy's own
-    LR factor (ReLoRA's re-warmups). Under ``ModelParallelStrategy`` each block and the whole
+    the factorized parameters. The optimizer is built from ``strategy.param_groups``, with linear
+    warmup and cosine decay (:class:`StrategyTask`); the callback adds the strategy's own LR factor
+    (ReLoRA's re-warmups). Under ``ModelParallelStrategy`` each block and the whole
     decoder are sharded with FSDP2's ``fully_shard`` in ``configure_model``.
 
     Args:
@@ -113,11 +111,3 @@ class LanguageModelingTask(StrategyTask):
         self.test_ppl(logits.float(), batch[1])
         self.log("test/loss", loss, sync_dist=True)
         self.log("test/ppl", self.test_ppl)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.strategy.wrap_optimizer(self.optimizer_factory(self.strategy.param_groups(self)), self)
-        base = partial(warmup_cosine, warmup_steps=self.hparams.warmup_steps,
-                       total_steps=int(self.trainer.estimated_stepping_batches),
-                       min_lr_ratio=self.hparams.min_lr_ratio)
-        scheduler = strategy_lr_scheduler(optimizer, self.strategy, base)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

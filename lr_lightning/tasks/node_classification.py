@@ -12,7 +12,6 @@ state reset cannot zero.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -30,7 +29,6 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from lr_lightning.data.graphs import Graph
 from lr_lightning.models.gcn import GCN
 from lr_lightning.models.hyperbolic import HyboNet
-from lr_lightning.schedules import strategy_lr_scheduler, warmup_cosine
 from lr_lightning.strategies import LowRankStrategy
 from lr_lightning.tasks.base import StrategyTask
 
@@ -220,20 +218,14 @@ class NodeClassificationTask(StrategyTask):
             groups.append({"params": points, "lowrank_role": "manifold", "weight_decay": 0.0})
         return groups
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        groups = self.param_groups()
-        held = sum(len(g["params"]) for g in groups if g["lowrank_role"] == "manifold")
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer over :meth:`param_groups`; it must keep the manifold points on their manifold."""
+        optimizer = super().build_optimizer()
+        held = sum(len(g["params"]) for g in optimizer.param_groups if g.get("lowrank_role") == "manifold")
         if held != self.manifold_points:
             raise RuntimeError(f"the model had {self.manifold_points} ManifoldParameter(s) but {held} remain: the "
                                f"distributed strategy replaced them (FSDP drops the class); use DDP or a single device")
-        optimizer = self.optimizer_factory(groups)
         if held and not isinstance(optimizer, OptimMixin):
             raise TypeError(f"optimizer {type(optimizer).__name__} would move the manifold points off the manifold: "
                             f"use lr_lightning.tasks.node_classification.RiemannianAdamW or a geoopt optimizer")
-        optimizer = self.strategy.wrap_optimizer(optimizer, self)
-        total = self.trainer.estimated_stepping_batches
-        base = partial(warmup_cosine, warmup_steps=self.hparams.warmup_steps,
-                       total_steps=int(total) if math.isfinite(total) else 2**62,  # no end: no decay
-                       min_lr_ratio=self.hparams.min_lr_ratio)
-        scheduler = strategy_lr_scheduler(optimizer, self.strategy, base)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Literal
 
@@ -16,7 +17,7 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from lr_lightning.data.translation import BOS, PAD, TranslationTokenizer
 from lr_lightning.models.seq2seq import build_transformer
-from lr_lightning.schedules import inverse_sqrt, strategy_lr_scheduler, warmup_cosine
+from lr_lightning.schedules import inverse_sqrt
 from lr_lightning.strategies import LowRankStrategy
 from lr_lightning.tasks.base import StrategyTask
 
@@ -221,13 +222,8 @@ class TranslationTask(StrategyTask):
         self._log_bleu("test")
 
     # ----------------------------------------------------------------------------- optimization
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.strategy.wrap_optimizer(self.optimizer_factory(self.strategy.param_groups(self)), self)
+    def lr_schedule(self) -> Callable[[int], float]:
+        """``inverse_sqrt`` (warmup, then ``sqrt(warmup / t)``) or the base class's warmup + cosine."""
         if self.hparams.schedule == "inverse_sqrt":
-            base = partial(inverse_sqrt, warmup_steps=self.hparams.warmup_steps)
-        else:
-            base = partial(warmup_cosine, warmup_steps=self.hparams.warmup_steps,
-                           total_steps=int(self.trainer.estimated_stepping_batches),
-                           min_lr_ratio=self.hparams.min_lr_ratio)
-        scheduler = strategy_lr_scheduler(optimizer, self.strategy, base)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+            return partial(inverse_sqrt, warmup_steps=self.hparams.warmup_steps)
+        return super().lr_schedule()

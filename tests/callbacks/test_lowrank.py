@@ -42,9 +42,9 @@ def _trainer(callbacks, logger=False, **kw) -> L.Trainer:
 
 
 class CountingReLoRA(ReLoRA):
-    def update(self, model, step):
+    def merge(self, model, step):
         self.steps_seen = [*getattr(self, "steps_seen", []), step]
-        return super().update(model, step)
+        return super().merge(model, step)
 
 
 @pytest.mark.parametrize(("accumulate", "precision"), [(1, "32-true"), (4, "32-true"), (2, "bf16-mixed")])

@@ -1,9 +1,11 @@
 import pytest
 import torch
-from conftest import TinyMLP
+from conftest import RecordingAdamW, TinyMLP
+from torch.optim.lr_scheduler import LambdaLR
 
-from lr_lightning.optim import reset_state_
-from lr_lightning.schedules import strategy_lr_scheduler, warmup_cosine
+from lr_lightning.callbacks.lowrank import role_map
+from lr_lightning.optim import RoleOptimizer, reset_state_
+from lr_lightning.schedules import warmup_cosine
 from lr_lightning.strategies import ReLoRA
 
 
@@ -71,13 +73,13 @@ def test_merge_resets_only_the_lora_optimizer_state(mode, fraction):
 def test_learning_rate_rewarms_after_each_merge():
     strategy = ReLoRA(rank=4, merge_every=10, restart_warmup_steps=4)
     model, _, _ = _trained(strategy, steps=0)
-    optimizer = torch.optim.AdamW(strategy.param_groups(model), lr=1.0)
-    scheduler = strategy_lr_scheduler(optimizer, strategy, lambda s: warmup_cosine(s, 2, 40, 0.1))
-    lrs = []
+    plain = RecordingAdamW(strategy.param_groups(model), lr=1.0)
+    scheduler = LambdaLR(plain, lambda s: warmup_cosine(s, 2, 40, 0.1))
+    optimizer = RoleOptimizer(plain, role_map(strategy, model), strategy.lr_multiplier, lambda: scheduler.last_epoch)
     for _ in range(40):
-        lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
+    lrs = plain.lrs(model.body[0].lora_A)
     envelope = [warmup_cosine(s, 2, 40, 0.1) for s in range(40)]
     assert lrs[:10] == pytest.approx(envelope[:10])
     for merge in (10, 20, 30):

@@ -56,7 +56,7 @@ def test_dense_init_keeps_the_function_and_export_drops_pruned_values(decomposit
     assert isinstance(model.conv, SVDConv2d) and model.conv.decomposition == decomposition
     assert isinstance(model.fc, SVDLinear) and type(model.stem) is nn.Conv2d
     torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
-    strategy.prune(model)
+    strategy.prune(model, step=0)
     pruned = model(x)
     compact = strategy.export(model)
     layers = [model.conv, model.fc]
@@ -159,9 +159,11 @@ def test_epoch_unit_changes_stage_at_epoch_ends_only():
     strategy = SVDTraining(sparsify_at=1, prune_at=3, unit="epoch", energy=0.2)
     strategy.apply(model)
     assert not any(strategy.should_update(s) for s in range(10))
-    assert strategy.update_at_epoch_end(model, epoch=0) == [] and strategy.stage == "sparsify"
-    assert strategy.update_at_epoch_end(model, epoch=1) == [] and strategy.stage == "sparsify"
-    [reset] = strategy.update_at_epoch_end(model, epoch=2)
+    at_epoch_end = [strategy.should_update_at_epoch_end(epoch) for epoch in range(3)]
+    assert at_epoch_end == [["sparsify"], [], ["prune"]]
+    assert strategy.run(model, at_epoch_end[0], step=10) == [] and strategy.stage == "sparsify"
+    assert strategy.run(model, at_epoch_end[1], step=20) == [] and strategy.stage == "sparsify"
+    [reset] = strategy.run(model, at_epoch_end[2], step=30)
     assert strategy.stage == "finetune" and model.fc.rank < model.fc.capacity
     assert isinstance(reset, StateReset) and reset.mode == "full"
     factors = {id(p) for layer in (model.conv, model.fc) for p in (layer.N, layer.s, layer.C)}
@@ -256,7 +258,7 @@ def test_pruned_values_stay_zero_through_adamw_with_weight_decay():
         strategy.before_optimizer_step(model, step)
         optimizer.step()
         if step == 2:
-            for edit in strategy.prune(model):
+            for edit in strategy.prune(model, step=0):
                 edit.apply_(optimizer)
             ranks = [layer.rank for _, layer in strategy.svd_layers(model)]
             assert optimizer.state[model.fc.s]["exp_avg"].eq(0).all()
@@ -285,8 +287,8 @@ class PlainModule(L.LightningModule):
         loss = F.cross_entropy(self.net(x).flatten(0, 1).float(), y.flatten())
         return loss + self.in_loss.regularizer(self) if self.in_loss is not None else loss
 
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+    def configure_optimizers(self):  # no decay: the callback would drop it on N, s, C and the in-loss path would not
+        return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.0)
 
 
 class GradientCapture(L.Callback):

@@ -275,10 +275,18 @@ def test_faithful_variant_runs_two_passes_per_step_and_adapts_the_rank():
     assert orthonormality_error(layer) < 1e-5
 
 
-def test_faithful_variant_without_the_wrapped_optimizer_is_a_clear_error():
+def test_the_callback_installs_the_integrator_in_a_users_own_optimizer():
     strategy = TDLRT(init_rank=4, max_rank=8, variant="faithful")
-    with pytest.raises(RuntimeError, match="needs the optimizer wrapped"):
-        fit(Regression(), strategy, regression_loader(low_rank_teacher([1.0])), steps=2)
+    module = Regression()
+    trainer = fit(module, strategy, regression_loader(low_rank_teacher([1.0])), steps=2)
+    assert isinstance(trainer.optimizers[0], BUGOptimizer) and module.training_steps == 2 * 2
+
+
+def test_faithful_variant_stepped_without_the_integrator_is_a_clear_error():
+    strategy = TDLRT(init_rank=4, max_rank=8, variant="faithful")
+    model = strategy.apply(nn.Sequential(nn.Linear(8, 8)))
+    with pytest.raises(RuntimeError, match="wrap_optimizer"):
+        strategy.before_optimizer_step(model, 0)
 
 
 class SmallCNN(nn.Module):
