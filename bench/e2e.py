@@ -20,12 +20,13 @@ and a context of ``--tokens / --batch``. Every strategy converts ``*.attn.*`` an
   runs first as in the strategy) and ``shrink_``.
 
 Each step is what ``LowRankCallback`` runs around an optimizer step: forward, cross-entropy, backward,
-``strategy.before_optimizer_step`` (its state edits applied), ``AdamW.step`` on
-``strategy.param_groups`` (through ``strategy.wrap_optimizer``), ``strategy.after_optimizer_step`` and
-``strategy.update`` when due (never, at the step index timed). Each strategy takes one untimed warm-up step
-(step 0: TDLRT augments there); then ``--rounds`` rounds each time one step of every strategy in turn
-(round-robin in one process, the starting strategy rotating), and the table gives the median and, since
-other processes on a shared machine disturb some rounds, the fastest step too.
+``strategy.before_optimizer_step`` (its state edits applied), ``AdamW.step`` on ``strategy.param_groups``
+through the optimizer the callback installs (a ``RoleOptimizer`` for the strategies with an LR
+re-warmup, ReLoRA and SST, then ``strategy.wrap_optimizer``), ``strategy.after_optimizer_step`` and the
+operations ``strategy.should_update`` names (none, at the step index timed). Each strategy takes one
+untimed warm-up step (step 0: TDLRT augments there); then ``--rounds`` rounds each time one step of every
+strategy in turn (round-robin in one process, the starting strategy rotating), and the table gives the
+median and, since other processes on a shared machine disturb some rounds, the fastest step too.
 
 Memory, in bytes of distinct storages (a view counts its whole storage once; tied weights once):
 
@@ -62,12 +63,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import emit, machine_summary, markdown_table  # noqa: E402
 from lr_lightning.callbacks import lowrank as lowrank_callbacks  # noqa: E402
-from lr_lightning.callbacks.lowrank import apply_edits_  # noqa: E402
+from lr_lightning.callbacks.lowrank import UNDECAYED_ROLES, apply_edits_, decays_undecayed, role_map, scales_lr  # noqa: E402
 from lr_lightning.layers import IncrementalLinear  # noqa: E402
 from lr_lightning.layers.base import LowRankLayer  # noqa: E402
 from lr_lightning.models import GPT, GPTConfig  # noqa: E402
-from lr_lightning.strategies import (SST, TDLRT, FullRank, InRank, LoRA, LowRankStrategy, ReLoRA,  # noqa: E402
-                                     SVDTraining)
+from lr_lightning.optim import RoleOptimizer  # noqa: E402
+from lr_lightning.strategies import SST, TDLRT, FullRank, InRank, LoRA, LowRankStrategy, ReLoRA, SVDTraining  # noqa: E402
 
 STRATEGIES = ("full", "lora", "relora", "sst", "inrank", "tdlrt", "svd")
 TARGETS = ["*.attn.*", "*.mlp.*"]
@@ -77,6 +78,8 @@ PLAIN_STEP = 1
 """Step index of the timed steps: no strategy's periodic operation is due there (as bench/layers.py)."""
 WARMUP_STEP = 0
 """Step index of the warm-up step (TDLRT's cheap integrator augments its bases there)."""
+EVENT_STEP = WARMUP_STEP + 1
+"""Optimizer steps completed when SVD training's prune and InRank's switch run (right after the warm-up step)."""
 TARGET_RATIO = 1.25
 """The issue's bound on converted-layer training state after SVD training's prune / InRank's switch."""
 
@@ -174,12 +177,18 @@ class Trainee:
     """Rank ``r`` of the ideal ``r (m + n) + m`` per layer; ``None``: each layer's own (``m n + m`` if dense)."""
     note: str = ""
     measured: Measured = field(default_factory=Measured)
+    completed: int = 0
+    """Optimizer steps completed (what ``RoleOptimizer`` reads, as the callback's reads ``trainer.global_step``)."""
+
+    def __post_init__(self) -> None:
+        self.optimizer = training_optimizer(self.strategy, self.model, self.optimizer, lambda: self.completed)
 
     def converted_layers(self) -> list[tuple[str, nn.Module]]:
         return self.strategy.select(self.model)
 
     def step(self, step: int, saved: SavedForBackward | None = None) -> None:
         """One optimizer step as ``LowRankCallback`` runs it; ``step`` counts the steps completed before it."""
+        self.completed = step
         self.optimizer.zero_grad(set_to_none=True)
         with saved.hooks() if saved is not None else nullcontext():
             logits = self.model(self.idx)
@@ -189,8 +198,8 @@ class Trainee:
         self.optimizer.step()
         done = step + 1
         self.strategy.after_optimizer_step(self.model, done)
-        if self.strategy.should_update(done):
-            apply_edits_([self.optimizer], self.strategy.update(self.model, done))
+        if operations := self.strategy.should_update(done):
+            apply_edits_([self.optimizer], self.strategy.run(self.model, operations, done))
 
     def rank_label(self) -> str:
         """The ideal's rank and, if different, the rank the forward runs at (first converted layer)."""
@@ -199,6 +208,17 @@ class Trainee:
         rank = self.ideal_rank if self.ideal_rank is not None else active
         text = str(rank) if active == rank else f"{rank} (runs {active})"
         return f"{text}{self.note}"
+
+
+def training_optimizer(strategy: LowRankStrategy, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       steps: Callable[[], int]) -> torch.optim.Optimizer:
+    """``optimizer`` as ``LowRankCallback`` makes it step: a ``RoleOptimizer`` (the strategy's LR multipliers, no
+    decay on bases and spectra) where the strategy scales learning rates or the optimizer decays those roles,
+    then ``strategy.wrap_optimizer``."""
+    roles = role_map(strategy, model)
+    if scales_lr(strategy) or decays_undecayed(optimizer, roles):
+        optimizer = RoleOptimizer(optimizer, roles, strategy.lr_multiplier, steps, UNDECAYED_ROLES)
+    return strategy.wrap_optimizer(optimizer, model)
 
 
 def forward_rank(layer: nn.Module) -> int:
@@ -274,14 +294,13 @@ class Setup:
 
 def build(name: str, setup: Setup, seed: int = 0) -> tuple[LowRankStrategy, GPT, torch.optim.Optimizer,
                                                               torch.Tensor, torch.Tensor]:
-    """A fresh GPT converted by ``name``'s strategy, AdamW on its groups (wrapped), a fixed batch."""
+    """A fresh GPT converted by ``name``'s strategy, AdamW on its groups, a fixed batch."""
     torch.manual_seed(seed)
     config = GPTConfig(vocab_size=setup.vocab, block_size=setup.block, n_layer=setup.depth,
                        n_head=max(1, setup.width // HEAD_DIM), n_embd=setup.width)
     strategy = make_strategy(name, setup.rank)
     model = strategy.apply(GPT(config).to(setup.device))
     optimizer = torch.optim.AdamW(strategy.param_groups(model), lr=1e-4)
-    optimizer = strategy.wrap_optimizer(optimizer, model)
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(setup.vocab, (setup.batch, setup.block + 1), generator=generator).to(setup.device)
     return strategy, model, optimizer, tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
@@ -309,7 +328,7 @@ def prune_svd_(trainee: Trainee, rank: int) -> list[str]:
     for _, layer in layers:
         layer.energy_keep = top_rank_keep(layer, rank)
     try:
-        edits = trainee.strategy.prune(trainee.model)
+        edits = trainee.strategy.prune(trainee.model, EVENT_STEP)
     finally:
         for _, layer in layers:
             del layer.energy_keep
@@ -321,7 +340,7 @@ def prune_svd_(trainee: Trainee, rank: int) -> list[str]:
 
 def switch_inrank_(trainee: Trainee) -> list[str]:
     """InRank-Efficient's switch (SVD re-factor at the found rank, buffer dropped); then shrink."""
-    apply_edits_([trainee.optimizer], trainee.strategy.switch(trainee.model))
+    apply_edits_([trainee.optimizer], trainee.strategy.switch(trainee.model, EVENT_STEP))
     if not trainee.strategy.switched:
         raise RuntimeError("InRank.switch did not set strategy.switched")
     return _shrink(trainee)

@@ -26,9 +26,12 @@ FLOP-count ideal of forward + backward (matmuls only; ``m' = min(m, n)``, ``r`` 
 the dense layer's FLOP rate. Memory counts tensors in bytes: weights (parameters and buffers),
 gradients after backward (only what requires grad), AdamW state (two moments per trained element
 plus a step counter per tensor); on CUDA also ``torch.cuda.max_memory_allocated`` of a step
-(activations included). Periodic operations run through the strategy (``update`` and the state
-edits it returns, applied to the optimizer as the callback does) at each strategy's default
-schedule, and are amortised per step as a percentage of that layer's whole training step.
+(activations included). Every operation the strategy names (``strategy.operations``: ReLoRA's merge,
+SST's resvd and resample, ...) is timed as the callback runs it, ``getattr(strategy, name)(model, step)``
+plus its optimizer-state edits, at each strategy's default schedule: on a fresh copy of the trained
+case, after a forward and backward (fresh gradients) and the operations due before it, at ``step``
+equal to its period (so SST's resvd ends a round) or ``PLAIN_STEP`` for one that runs once. Periodic
+ones are amortised per step as a percentage of that layer's whole training step.
 """
 
 from __future__ import annotations
@@ -49,8 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import emit, machine_summary, markdown_table  # noqa: E402
 from lr_lightning.callbacks.lowrank import apply_edits_, shrink_  # noqa: E402
-from lr_lightning.layers import IncrementalLinear, SpectralLinear, SVDLinear  # noqa: E402
-from lr_lightning.optim import StateReset  # noqa: E402
+from lr_lightning.layers import IncrementalLinear, SVDLinear  # noqa: E402
 from lr_lightning.strategies import SST, TDLRT, FullRank, InRank, LowRankStrategy, ReLoRA, SVDTraining  # noqa: E402
 
 LAYERS = ("dense", "lora", "sst", "inrank", "inrank2", "reference", "tdlrt", "svd")
@@ -99,12 +101,15 @@ class OneLayer(nn.Module):
 
 @dataclass(frozen=True)
 class LayerKind:
-    """How to build one strategy's layer at a rank, count its ideal FLOPs and time its periodic operations."""
+    """How to build one strategy's layer at a rank, count its ideal FLOPs and bring it to the stage it is timed in."""
 
     name: str
     strategy: Callable[[int], LowRankStrategy]
     flops: Callable[[int, int, int, int], int]
     ranked: bool = True
+    stage: Callable[[Trainee, int], bool] | None = None
+    """Runs a one-time operation on a fresh case at rank ``r``; returns whether it ran (the case is then past it,
+    and its operations are not timed)."""
 
 
 def _inrank(rank: int) -> InRank:
@@ -131,16 +136,37 @@ class ReferenceFactors(LowRankStrategy):
         return nn.Sequential(nn.Linear(n, self.rank, bias=False), nn.Linear(self.rank, m))
 
 
+def prune_to(trainee: Trainee, rank: int) -> bool:
+    """Below full rank, keep the ``rank`` largest ``|s|`` and shrink to them (SVD training pruned to that rank)."""
+    layer: SVDLinear = trainee.layer
+    if rank >= layer.capacity:
+        return False
+    keep = torch.zeros_like(layer.active)
+    keep[layer.s.detach().abs().argsort(descending=True)[:rank]] = True
+    layer.prune_(keep)
+    trainee.strategy.stage = "finetune"
+    shrink_(trainee.strategy, trainee.model, [trainee.optimizer])
+    return True
+
+
+def switch(trainee: Trainee, rank: int) -> bool:
+    """InRank's switch to stage 2, shrinking the layer to its rank."""
+    apply_edits_([trainee.optimizer], trainee.strategy.switch(trainee.model, PLAIN_STEP))
+    shrink_(trainee.strategy, trainee.model, [trainee.optimizer])
+    return True
+
+
 KINDS: dict[str, LayerKind] = {
     "dense": LayerKind("dense", lambda r: FullRank(target_modules=["proj"]), lambda t, m, n, r: dense_flops(t, m, n),
                        ranked=False),
     "lora": LayerKind("lora", lambda r: ReLoRA(rank=r, target_modules=["proj"]), lora_flops),
     "sst": LayerKind("sst", lambda r: SST(rank=r, target_modules=["proj"]), sst_flops),
     "inrank": LayerKind("inrank", _inrank, factor_flops),
-    "inrank2": LayerKind("inrank2", _inrank_stage2, factor_flops),
+    "inrank2": LayerKind("inrank2", _inrank_stage2, factor_flops, stage=switch),
     "reference": LayerKind("reference", lambda r: ReferenceFactors(r, target_modules=["proj"]), factor_flops),
     "tdlrt": LayerKind("tdlrt", lambda r: TDLRT(init_rank=r, max_rank=r, target_modules=["proj"]), tucker_flops),
-    "svd": LayerKind("svd", lambda r: SVDTraining(init="random", target_modules=["proj"]), factor_flops),
+    "svd": LayerKind("svd", lambda r: SVDTraining(init="random", target_modules=["proj"]), factor_flops,
+                     stage=prune_to),
 }
 """Each strategy at its default schedule; ``lora`` is timed with ReLoRA's defaults (same layer, plus merges).
 SVD training starts at full rank; its ranked cases are the layer pruned to ``r`` and shrunk to it
@@ -289,54 +315,46 @@ def best_of(repeats: int, fn: Callable[[], float]) -> float:
     return min(fn() for _ in range(repeats))
 
 
-def _run_update(trainee: Trainee, step: int, device: torch.device) -> float:
-    return timed(lambda: apply_edits_([trainee.optimizer], trainee.strategy.update(trainee.model, step)), device)
+def copy_trainee(trainee: Trainee) -> Trainee:
+    """A deep copy of ``trainee``'s model, strategy and optimizer (its state moved to the copied parameters)."""
+    model, strategy, optimizer = copy.deepcopy((trainee.model, trainee.strategy, trainee.optimizer))
+    return Trainee(model, strategy, optimizer, trainee.x, trainee.grad_out)
 
 
-def _on_copy(trainee: Trainee, operation: Callable[[Trainee], object], device: torch.device) -> float:
-    """Time ``operation`` on a deep copy of the model (state-changing one-off operations)."""
-    model = copy.deepcopy(trainee.model)
-    strategy = copy.deepcopy(trainee.strategy)
-    optimizer = torch.optim.AdamW(strategy.param_groups(model), lr=1e-4)
-    clone = Trainee(model, strategy, optimizer, trainee.x, trainee.grad_out)
-    return timed(lambda: operation(clone), device)
+def run_operation(trainee: Trainee, name: str, step: int) -> None:
+    """The strategy's operation ``name`` after ``step`` optimizer steps, its state edits applied to the optimizer."""
+    apply_edits_([trainee.optimizer], getattr(trainee.strategy, name)(trainee.model, step))
 
 
-def periodic_ops(kind: str, trainee: Trainee, repeats: int, device: torch.device) -> list[PeriodicOp]:
-    """Time ``kind``'s periodic operations on ``trainee`` (run after its step timing: some change the layer)."""
-    strategy = trainee.strategy
-    if kind == "lora":
-        every = strategy.merge_every
-        return [PeriodicOp("ReLoRA merge + reinit + state reset", best_of(repeats, lambda: _run_update(
-            trainee, every, device)), every)]
-    if kind == "sst":
-        layer: SpectralLinear = trainee.layer
-        interval, rounds = strategy.iteration_interval, strategy.rounds_of(layer)
-        resample = best_of(repeats, lambda: _run_update(trainee, interval, device))
-        resvd = best_of(max(1, repeats // 2), lambda: timed(lambda: (layer.resvd_(), apply_edits_(
-            [trainee.optimizer], [StateReset([layer.s], "full")])), device))
-        return [PeriodicOp("SST resample", resample, interval),
-                PeriodicOp(f"SST re-SVD (round of {rounds} draws)", resvd, interval * rounds)]
-    if kind == "inrank":
-        step = strategy.warmup_steps + strategy.check_every - strategy.warmup_steps % strategy.check_every
-        check = best_of(repeats, lambda: _on_copy(trainee, lambda t: t.strategy.update(t.model, step), device))
-        switch = _on_copy(trainee, lambda t: apply_edits_([t.optimizer], t.strategy.switch(t.model)), device)
-        return [PeriodicOp("InRank rank check (spectrum + grow)", check, strategy.check_every),
-                PeriodicOp("InRank switch (SVD re-factor)", switch, None)]
-    if kind == "tdlrt":
-        every = strategy.augment_every
-        truncations, augmentations = [], []
-        for _ in range(repeats):
-            truncations.append(_run_update(trainee, every, device))
-            trainee.forward_backward()
-            augmentations.append(timed(lambda: apply_edits_(
-                [trainee.optimizer], strategy.before_optimizer_step(trainee.model, every)), device))
-        return [PeriodicOp("TDLRT truncate (core HOSVD)", min(truncations), every),
-                PeriodicOp("TDLRT augment (QR of (I - U U^T) dL/dU)", min(augmentations), every)]
-    if kind == "svd":
-        prune = _on_copy(trainee, lambda t: apply_edits_([t.optimizer], t.strategy.prune(t.model)), device)
-        return [PeriodicOp("SVD training prune (standardize + energy)", prune, None)]
-    return []
+def due_before(strategy: LowRankStrategy, name: str, step: int) -> list[str]:
+    """The operations the schedule runs before ``name`` after ``step`` steps: those listed ahead of it, or all due
+    ones for an operation the schedule does not list (TDLRT's augment, run from the next step's gradients)."""
+    due = strategy.should_update(step)
+    return due[:due.index(name)] if name in due else due
+
+
+def _on_copy(trainee: Trainee, name: str, step: int, device: torch.device) -> float:
+    """Seconds of operation ``name`` on a copy of ``trainee``, after the operations due before it and a forward and
+    backward (fresh gradients); ``trainee`` itself is left as it was."""
+    clone = copy_trainee(trainee)
+    for earlier in due_before(clone.strategy, name, step):
+        run_operation(clone, earlier, step)
+    clone.forward_backward()
+    return timed(lambda: run_operation(clone, name, step), device)
+
+
+def time_operation(trainee: Trainee, name: str, period: int | None, repeats: int,
+                   device: torch.device) -> PeriodicOp:
+    """Best-of-``repeats`` seconds of operation ``name`` after ``period`` steps (a one-off: ``PLAIN_STEP``)."""
+    step = period or PLAIN_STEP
+    seconds = best_of(repeats, lambda: _on_copy(trainee, name, step, device))
+    return PeriodicOp(f"{type(trainee.strategy).__name__} {name}", seconds, period)
+
+
+def periodic_ops(trainee: Trainee, repeats: int, device: torch.device) -> list[PeriodicOp]:
+    """Every operation ``trainee.strategy.operations`` names, timed on fresh copies of ``trainee``."""
+    return [time_operation(trainee, name, period, repeats, device)
+            for name, period in trainee.strategy.operations(trainee.model).items()]
 
 
 # ------------------------------------------------------------------------------------------ running cases
@@ -354,33 +372,14 @@ class CaseResult:
     ops: list[PeriodicOp] = field(default_factory=list)
 
 
-def prune_to(trainee: Trainee, rank: int) -> None:
-    """Keep the ``rank`` largest ``|s|`` and shrink to them (SVD training's state after a prune to that rank)."""
-    layer: SVDLinear = trainee.layer
-    keep = torch.zeros_like(layer.active)
-    keep[layer.s.detach().abs().argsort(descending=True)[:rank]] = True
-    layer.prune_(keep)
-    trainee.strategy.stage = "finetune"
-    shrink_(trainee.strategy, trainee.model, [trainee.optimizer])
-
-
-def switch(trainee: Trainee) -> None:
-    """InRank's switch to stage 2, shrinking the layer to its rank."""
-    apply_edits_([trainee.optimizer], trainee.strategy.switch(trainee.model))
-    shrink_(trainee.strategy, trainee.model, [trainee.optimizer])
-
-
 def run_case(kind: LayerKind, m: int, n: int, rank: int, tokens: int, repeats: int, device: torch.device,
              with_ops: bool) -> CaseResult:
     """Build, time and (``with_ops``) time the periodic operations of one case."""
     trainee = make_trainee(kind, m, n, rank, tokens, device)
-    if kind.name == "svd" and rank < min(m, n):
-        prune_to(trainee, rank)
-    if kind.name == "inrank2":
-        switch(trainee)
+    past_one_off = kind.stage(trainee, rank) if kind.stage else False
     timing = time_steps(trainee, repeats, device)
     r = active_rank(trainee.layer)
-    ops = periodic_ops(kind.name, trainee, repeats, device) if with_ops else []
+    ops = periodic_ops(trainee, repeats, device) if with_ops and not past_one_off else []
     return CaseResult(kind.name, m, n, r, tokens, timing, kind.flops(tokens, m, n, r) / dense_flops(tokens, m, n), ops)
 
 
@@ -408,8 +407,7 @@ def run(shapes: list[tuple[int, int]], fractions: list[int], layers: list[str], 
                 ranks = [min(m, n), *ranks]
             for rank in ranks:
                 log(f"  {name} {m}x{n} rank {rank}")
-                results.append(run_case(kind, m, n, rank, tokens, repeats, device,
-                                        with_ops and (name != "svd" or rank == min(m, n))))
+                results.append(run_case(kind, m, n, rank, tokens, repeats, device, with_ops))
     return results
 
 

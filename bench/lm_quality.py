@@ -6,7 +6,7 @@
 
 Each strategy starts from its shipped ``configs/lm/<name>.yaml`` (optimizer, method hyperparameters,
 model shape) with these overrides, so the comparison is at **equal rank** ``r`` (``--rank``, default
-``n_embd / 8``) and an equal **token budget** (steps x batch x sequence length):
+``model_dim / 8``) and an equal **token budget** (steps x batch x sequence length):
 
 - ``lora``, ``relora_star``, ``sst``: rank ``r``; ReLoRA*'s merge interval equals SST's draw interval
   (``--interval``, default steps / 6), as in the SST paper, with the re-warmup at a fifth of it.
@@ -116,7 +116,7 @@ def build_task(name: str, strategy: LowRankStrategy, vocab_size: int, budget: Bu
                          f"got {optimizer['class_path']}")
     kwargs = dict(optimizer.get("init_args", {}))
     kwargs["betas"] = tuple(kwargs.get("betas", (0.9, 0.999)))
-    shape = {k: model_args[k] for k in ("n_layer", "n_head", "n_embd") if k in model_args}
+    shape = {k: model_args[k] for k in ("n_layer", "n_head", "model_dim") if k in model_args}
     return LanguageModelingTask(strategy=strategy, optimizer=lambda groups: torch.optim.AdamW(groups, **kwargs),
                                 vocab_size=vocab_size, block_size=budget.seq_len,
                                 warmup_steps=min(model_args.get("warmup_steps", 50), budget.steps // 10), **shape)
@@ -212,7 +212,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help=f"the small budget ({TINY.steps} steps per strategy)")
     parser.add_argument("--steps", type=int, help="optimizer steps per strategy (overrides the budget's)")
-    parser.add_argument("--rank", type=int, help="rank of every low-rank method (default n_embd / 8)")
+    parser.add_argument("--rank", type=int, help="rank of every low-rank method (default model_dim / 8)")
     parser.add_argument("--interval", type=int, help="SST draw interval = ReLoRA* merge interval (default steps / 6)")
     parser.add_argument("--only", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="WikiText-style folder or a text file")
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     overrides = {"steps": args.steps, "val_batches": args.val_batches, "final_val_batches": args.final_val_batches}
     budget = replace(budget, **{k: v for k, v in overrides.items() if v is not None})
     model_args = load_config("full_rank")["model"]["init_args"]
-    rank = args.rank or model_args["n_embd"] // 8
+    rank = args.rank or model_args["model_dim"] // 8
     interval = args.interval or max(budget.steps // 6, 1)
     data = TextDataModule(path=str(args.data), tokenizer=args.tokenizer, bpe_vocab_size=args.vocab_size,
                           seq_len=budget.seq_len, batch_size=budget.batch_size, max_chars=args.max_chars)
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     data.setup("fit")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     notes = [f"WikiText-2-style corpus {args.data.name}, {args.tokenizer} vocabulary {data.tokenizer_vocab_size}; "
-             f"GPT {model_args['n_layer']} layers, width {model_args['n_embd']}; rank {rank}; "
+             f"GPT {model_args['n_layer']} layers, width {model_args['model_dim']}; rank {rank}; "
              f"{budget.steps} steps x {budget.batch_size} x {budget.seq_len} = {budget.tokens:,} tokens",
              f"Command: `python bench/lm_quality.py {shlex.join(argv if argv is not None else sys.argv[1:])}`",
              f"Machine: {machine_summary(device)}",

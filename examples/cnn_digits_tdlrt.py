@@ -82,7 +82,7 @@ def main() -> None:
                         enable_progress_bar=False, callbacks=[LowRankCallback(strategy)])
     trainer.fit(model, DataLoader(train, batch_size=64, shuffle=True))
     if trainer.global_step % strategy.augment_every:  # training stopped between an augmentation and its truncation
-        strategy.truncate(model)
+        strategy.truncate(model, trainer.global_step)
     print(strategy.report(model))
     compact = strategy.export(model)
     print(f"ranks: {[layer.ranks for _, layer in strategy.tucker_layers(model)]}")

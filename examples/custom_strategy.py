@@ -39,7 +39,7 @@ def main() -> None:
 
     L.seed_everything(0)
     strategy = LoRAFA(rank=args.rank, target_modules=["*.attn.*", "*.mlp.*"])
-    task = LanguageModelingTask(strategy=strategy, n_layer=2, n_embd=128, block_size=64, warmup_steps=10)
+    task = LanguageModelingTask(strategy=strategy, n_layer=2, model_dim=128, block_size=64, warmup_steps=10)
     data = TextDataModule(seq_len=64, batch_size=16, max_chars=200_000)
     trainer = L.Trainer(max_steps=args.max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         limit_val_batches=10, val_check_interval=min(50, args.max_steps))

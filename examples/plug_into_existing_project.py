@@ -3,8 +3,9 @@
 The LightningModule below is an ordinary user's module: a character-level MLP language model on
 Tiny-Shakespeare-like text that knows nothing about lr_lightning. ``LowRankCallback(ReLoRA(...))``
 converts its Linear layers in ``setup`` (before ``configure_optimizers`` runs, so the optimizer
-sees the factors), merges every ``merge_every`` optimizer steps and resets the optimizer state of
-the factors in place. ``RankMonitor`` writes a plot of ranks over steps.
+sees the factors), makes the module's own AdamW follow ReLoRA's learning-rate re-warmup after each
+merge, merges every ``merge_every`` optimizer steps and resets the optimizer state of the factors
+in place. ``RankMonitor`` writes a plot of ranks over steps.
 
     python examples/plug_into_existing_project.py --max-steps 300
 """

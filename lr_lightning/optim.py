@@ -112,7 +112,7 @@ class OptimizerWrapper(Optimizer):
 
 
 def wrap_innermost(optimizer: Optimizer, wrap: Callable[[Optimizer], Optimizer]) -> Optimizer:
-    """``optimizer`` with the plain optimizer at the bottom of its :class:`OptimizerWrapper` chain wrapped by ``wrap``."""
+    """``optimizer`` with the plain optimizer at the end of its :class:`OptimizerWrapper` chain wrapped by ``wrap``."""
     if isinstance(optimizer, OptimizerWrapper):
         optimizer.optimizer = wrap_innermost(optimizer.optimizer, wrap)
         return optimizer

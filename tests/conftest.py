@@ -1,7 +1,9 @@
-"""Shared fixtures: reset global torch state after every test; paths to the shared data; the 2-process runner."""
+"""Shared fixtures: reset global torch state after every test; paths to the shared data; the 2-process runner;
+the skip for tests that need the translation extra (fairseq2)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -15,6 +17,26 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+TRANSLATION_EXTRA = ("fairseq2", "sacrebleu", "sentencepiece")
+
+
+def translation_extra_error() -> str | None:
+    """Why the ``[translation]`` extra cannot be imported here (fairseq2 not installed, or its native part missing
+    libsndfile, ...), else ``None``."""
+    for name in TRANSLATION_EXTRA:
+        try:
+            importlib.import_module(name)
+        except (ImportError, OSError) as error:
+            return f"{name} is unavailable: {type(error).__name__}: {error}"
+    return None
+
+
+def require_translation_extra() -> None:
+    """Skip the calling test, or the whole test module when called at its import, where fairseq2 (with sacrebleu and
+    sentencepiece) is unavailable; ``pytest.importorskip`` would let a missing libsndfile's ``OSError`` through."""
+    reason = translation_extra_error()
+    if reason is not None:
+        pytest.skip(reason, allow_module_level=True)
 
 
 @pytest.fixture(autouse=True)
@@ -26,8 +48,15 @@ def _restore_torch_state():
         dist.destroy_process_group()
 
 
+def assert_states_close(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], tol: float) -> None:
+    """``got`` holds the same tensor names as ``expected``, each equal to it within ``tol`` (absolute and relative)."""
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key].to(expected[key].dtype), expected[key], atol=tol, rtol=tol, msg=key)
+
+
 class RecordingAdamW(torch.optim.AdamW):
-    """``torch.optim.AdamW`` that records, at every step, the learning rate and weight decay each parameter steps with."""
+    """``torch.optim.AdamW`` that records, at every step, the learning rate and weight decay of each parameter."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

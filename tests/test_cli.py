@@ -5,10 +5,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import translation_extra_error
 
 from lr_lightning.cli import main
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+MISSING_TRANSLATION = translation_extra_error()
+RUNNABLE_CONFIGS = [pytest.param(c, marks=pytest.mark.skipif(
+    c.parent.name == "translation" and MISSING_TRANSLATION is not None, reason=str(MISSING_TRANSLATION)))
+    for c in CONFIGS]
 QUICK = ["--trainer.enable_progress_bar", "false", "--data.init_args.max_chars", "60000"]
 QUICK_BY_TASK = {"lm": QUICK, "translation": ["--trainer.enable_progress_bar", "false", "--data.init_args.max_tokens",
                                               "512", "--model.init_args.beam_size", "2"]}
@@ -30,7 +35,7 @@ def test_config_starts_with_its_launch_command(config):
     assert any(f"lr-lightning fit --config configs/{config.parent.name}/{config.name}" in h for h in header)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+@pytest.mark.parametrize("config", RUNNABLE_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_config_runs_with_fast_dev_run(config, tmp_path):
     main(["fit", "--config", str(config), "--trainer.fast_dev_run", "2",
           "--trainer.default_root_dir", str(tmp_path),

@@ -26,7 +26,7 @@ CAPACITY_KEY = "lowrank_capacities"
 """Checkpoint entry holding each converted layer's capacity, so a resumed run allocates shrunk layers at it."""
 
 UNDECAYED_ROLES = frozenset({"basis", "spectrum"})
-"""Roles stepped without weight decay in any optimizer: a method's bases and spectra (biases keep the module's choice)."""
+"""Roles stepped without weight decay in any optimizer: a method's bases and spectra (biases keep the user's choice)."""
 
 
 class LowRankCallback(L.Callback):
@@ -76,6 +76,7 @@ class LowRankCallback(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Check the optimizers, then make them step as the strategy's contract says (see the class docstring)."""
         self._check_optimizers(trainer, pl_module)
+        self.role_optimizers = []
         trainer.optimizers = [self.keep_contract(optimizer, trainer, pl_module) for optimizer in trainer.optimizers]
         if self.verbose:
             rank_zero_info(str(self.strategy.report(pl_module)))
@@ -84,15 +85,16 @@ class LowRankCallback(L.Callback):
         """``optimizer`` stepping with the strategy's LR multipliers and decay rules, wrapped as the method needs."""
         roles = role_map(self.strategy, pl_module)
         if scales_lr(self.strategy) or decays_undecayed(optimizer, roles):
-            def wrap(plain: Optimizer) -> RoleOptimizer:
-                wrapped = RoleOptimizer(plain, roles, self.strategy.lr_multiplier, lambda: trainer.global_step,
-                                        UNDECAYED_ROLES)
-                self.role_optimizers.append(wrapped)
-                return wrapped
-            optimizer = wrap_innermost(optimizer, wrap)
+            optimizer = wrap_innermost(optimizer, lambda plain: self._role_optimizer(plain, roles, trainer))
             rank_zero_info(f"{type(self.strategy).__name__}: {type(optimizer).__name__} steps with the strategy's "
                            f"learning-rate multipliers and no weight decay on {sorted(UNDECAYED_ROLES)} parameters")
         return self.strategy.wrap_optimizer(optimizer, pl_module)
+
+    def _role_optimizer(self, plain: Optimizer, roles: dict[int, str], trainer: L.Trainer) -> RoleOptimizer:
+        optimizer = RoleOptimizer(plain, roles, self.strategy.lr_multiplier, lambda: trainer.global_step,
+                                  UNDECAYED_ROLES)
+        self.role_optimizers.append(optimizer)
+        return optimizer
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

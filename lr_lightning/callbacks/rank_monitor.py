@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
 
 from lr_lightning.layers.base import LowRankLayer
 
@@ -34,13 +35,17 @@ class RankMonitor(L.Callback):
         self.every_n_steps, self.spectra, self.plot_path = every_n_steps, spectra, plot_path
         self.history: dict[str, list[tuple[int, int]]] = {}
 
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.history:
             self.record(trainer, pl_module)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         self._record_due(trainer, pl_module)
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._record_due(trainer, pl_module)
 
@@ -72,6 +77,7 @@ class RankMonitor(L.Callback):
         for logger in trainer.loggers if metrics else []:
             logger.log_metrics(metrics, step=trainer.global_step)
 
+    @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.plot_path is not None and self.history:
             self.plot(self.plot_path)
@@ -98,8 +104,10 @@ class RankMonitor(L.Callback):
         fig.savefig(path, dpi=120)
         plt.close(fig)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = {k: [tuple(p) for p in v] for k, v in state_dict["history"].items()}

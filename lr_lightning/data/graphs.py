@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader
 from torch_geometric.nn.conv.gcn_conv import gcn_norm
 from torch_geometric.utils import to_undirected
+from typing_extensions import override
 
 DATASETS: tuple[str, ...] = ("tree", "cora", "citeseer", "pubmed", "airport", "disease")
 PLANETOID_NAMES = {"cora": "Cora", "citeseer": "CiteSeer", "pubmed": "PubMed"}
@@ -323,6 +324,7 @@ class GraphDataModule(L.LightningDataModule):
         """The split in use: the given one, else ``paper`` for Planetoid and ``stratified`` otherwise."""
         return self.split or ("paper" if self.dataset in PLANETOID_NAMES else "stratified")
 
+    @override
     def prepare_data(self) -> None:
         """Process Planetoid once (on one process) into the cache."""
         if self.dataset in PLANETOID_NAMES:
@@ -343,6 +345,7 @@ class GraphDataModule(L.LightningDataModule):
             source.x = torch.eye(source.x.shape[0])
         return source
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         if self.graph is not None:
             return
@@ -371,14 +374,18 @@ class GraphDataModule(L.LightningDataModule):
     def _loader(self) -> DataLoader:
         return DataLoader([self._loaded()], batch_size=None)
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return self._loader()
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return self._loader()
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self._loader()
 
+    @override
     def predict_dataloader(self) -> DataLoader:
         return self._loader()

@@ -21,6 +21,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
+from typing_extensions import override
 
 from lr_lightning.data.tokenizers import (
     BYTE_VOCAB_SIZE,
@@ -104,6 +105,7 @@ class TokenWindowDataset(Dataset):
     def __len__(self) -> int:
         return (len(self.ids) - 1) // self.block_size
 
+    @override
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= index < len(self):
             raise IndexError(f"window index {index} out of range for {len(self)} windows")
@@ -184,11 +186,13 @@ class TextDataModule(L.LightningDataModule):
         texts = load_splits(self.path, self.val_fraction)
         return {split: text[: self.max_chars] for split, text in texts.items()}
 
+    @override
     def prepare_data(self) -> None:
         """Train and cache the BPE tokenizer once (rank 0 only under DDP)."""
         if self.tokenizer_kind == "bpe":
             build_tokenizer("bpe", self._texts()["train"], self.bpe_vocab_size, self.cache_dir)
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         """Tokenize all splits into 1-D LongTensors (``self.ids``) and wrap them as window datasets."""
         if self.datasets:
@@ -218,11 +222,14 @@ class TextDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", train=False)
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", train=False)

@@ -31,6 +31,7 @@ from fairseq2.data.data_pipeline import create_bucket_sizes, read_sequence
 from fairseq2.data.tokenizers.sentencepiece import BasicSentencePieceTokenizer, SentencePieceModel
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
+from typing_extensions import override
 
 from lr_lightning.data.reordering_corpus import write_reordering_corpus
 
@@ -154,6 +155,7 @@ class TokenBatches(IterableDataset):
     def __len__(self) -> int:
         return self._length // self.world_size
 
+    @override
     def __iter__(self) -> Iterator[dict[str, Any]]:
         batches = self._epoch_batches(self.epoch)
         self.epoch += 1
@@ -224,6 +226,7 @@ class TranslationDataModule(L.LightningDataModule):
     def tokenizer_vocab_size(self) -> int | None:
         return self.tokenizer.vocab_size if self.tokenizer is not None else None
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
@@ -244,11 +247,14 @@ class TranslationDataModule(L.LightningDataModule):
             batches.rank, batches.world_size = self.trainer.global_rank, self.trainer.world_size
         return DataLoader(batches, batch_size=None)
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return self._loader("valid")
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")

@@ -30,7 +30,7 @@ def lorentz_residual(x: torch.Tensor, k: float = 1.0) -> torch.Tensor:
 
 
 class LorentzLinear(nn.Module):
-    """``y = W dropout(x) + b``, then ``t = sqrt(k) (sigmoid(y_0) e^s + 1.1)``, ``x' = (t, y_s sqrt((t^2 - k) / |y_s|^2))``.
+    """``y = W dropout(x) + b``, ``t = sqrt(k) (sigmoid(y_0) e^s + 1.1)``, ``x' = (t, y_s sqrt((t^2 - k) / |y_s|^2))``.
 
     HyboNet's Lorentz linear layer: the map acts on all ``d + 1`` ambient coordinates, the time
     coordinate is squashed into ``(1.1 sqrt(k), (1.1 + e^s) sqrt(k))`` with a learned log-scale
@@ -83,7 +83,7 @@ class LorentzLinear(nn.Module):
 
 
 class LorentzAggregation(nn.Module):
-    """``x'_i = sqrt(k) m_i / sqrt(|<m_i, m_i>_L|)`` with ``m_i = sum_j a_ij x_j``: the Lorentzian centroid of the neighbours.
+    """``x'_i = sqrt(k) m_i / sqrt(|<m_i, m_i>_L|)``, ``m_i = sum_j a_ij x_j``: the neighbours' Lorentzian centroid.
 
     Args:
         curvature: ``k`` of the hyperboloid.
@@ -145,7 +145,7 @@ class LorentzDecoder(nn.Module):
 
 
 class HyboNet(nn.Module):
-    """Fully hyperbolic GCN: features ``x -> expmap0((0, x))``, ``num_layers`` Lorentz graph convolutions, prototype decoder.
+    """Fully hyperbolic GCN: features ``x -> expmap0((0, x))``, ``num_layers`` Lorentz graph convolutions, a decoder.
 
     Module names: ``layers.<i>.transform.linear`` are the ``nn.Linear`` matrices a strategy converts
     (the first maps ``in_features + 1 -> hidden_dim``, the others ``hidden_dim -> hidden_dim``);

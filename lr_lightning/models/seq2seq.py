@@ -10,10 +10,10 @@ Imports fairseq2: used by the translation task only.
 
 from __future__ import annotations
 
-from torch import nn
 from fairseq2.models.nllb import NllbConfig, create_nllb_model
 from fairseq2.models.transformer import TransformerModel
 from fairseq2.nn import Projection, TiedProjection
+from torch import nn
 
 
 def plain_projection(projection: Projection) -> nn.Linear:

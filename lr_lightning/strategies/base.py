@@ -111,8 +111,9 @@ class StrategyReport:
 class RunState:
     """A strategy attribute that belongs to the run (ReLoRA's merge count, SVD training's stage).
 
-    Declared once as a class attribute, ``merges = RunState(0)``: it reads ``default`` until set, and
-    :meth:`LowRankStrategy.state_dict` saves it in every checkpoint, so a resumed run continues from it.
+    Declared once as a class attribute, ``merges = RunState(0)``: each instance starts from its own copy
+    of ``default``, and :meth:`LowRankStrategy.state_dict` saves it in every checkpoint, so a resumed run
+    continues from it.
     """
 
     def __init__(self, default: Any) -> None:
@@ -122,7 +123,9 @@ class RunState:
         self.name = name
 
     def __get__(self, strategy: Any, owner: type | None = None) -> Any:
-        return self if strategy is None else strategy.__dict__.get(self.name, self.default)
+        if strategy is None:
+            return self
+        return strategy.__dict__.setdefault(self.name, copy.deepcopy(self.default))
 
     def __set__(self, strategy: Any, value: Any) -> None:
         strategy.__dict__[self.name] = value
@@ -336,7 +339,9 @@ class LowRankStrategy:
         return optimizer
 
     def lr_multiplier(self, step: int, role: str) -> float:
-        """Factor on the learning rate of the ``role`` group after ``step`` optimizer steps."""
+        """Factor on the learning rate of ``role`` parameters after ``step`` optimizer steps. When a method
+        overrides it, :class:`~lr_lightning.callbacks.LowRankCallback` applies it inside every optimizer step
+        (:class:`~lr_lightning.optim.RoleOptimizer`), on top of the module's own schedule."""
         return 1.0
 
     # ----------------------------------------------------------------------------- operations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from torch import nn
+from typing_extensions import override
 
 from lr_lightning.strategies.base import LowRankStrategy
 
@@ -10,5 +11,6 @@ from lr_lightning.strategies.base import LowRankStrategy
 class FullRank(LowRankStrategy):
     """Dense training; the selected layers are reported at rank ``min(m, n)`` and left unchanged."""
 
+    @override
     def convert(self, name: str, module: nn.Module, index: int) -> nn.Module:
         return module

@@ -7,16 +7,11 @@ from typing import Literal, get_args
 import torch
 import torch.distributed as dist
 from torch import nn
+from typing_extensions import override
 
 from lr_lightning.layers.incremental import IncrementalLinear
 from lr_lightning.optim import StateEdit, StateReset
-from lr_lightning.strategies.base import (
-    LowRankStrategy,
-    RunState,
-    check_rank_argument,
-    layer_generator,
-    resolve_rank,
-)
+from lr_lightning.strategies.base import LowRankStrategy, RunState, check_rank_argument, layer_generator, resolve_rank
 
 RatioKind = Literal["variance", "energy"]
 
@@ -139,6 +134,7 @@ class InRank(LowRankStrategy):
         self.warmup_steps, self.check_every, self.max_rank = warmup_steps, check_every, max_rank
         self.keep_base, self.switch_step, self.switch_epoch, self.seed = keep_base, switch_step, switch_epoch, seed
 
+    @override
     def convert(self, name: str, module: nn.Module, index: int) -> nn.Module:
         m, n = module.weight.shape
         capacity = resolve_rank(self.max_rank, m, n, name)
@@ -155,14 +151,17 @@ class InRank(LowRankStrategy):
         """Whether a rank check runs after optimizer step ``step`` (multiples of ``check_every`` past warmup)."""
         return not self.switched and step > self.warmup_steps and step % self.check_every == 0
 
+    @override
     def operations(self, model: nn.Module) -> dict[str, int | None]:
         return {"grow": self.check_every, "switch": None}
 
+    @override
     def should_update(self, step: int) -> list[str]:
         """``grow`` on a check step; ``switch`` after ``switch_step``."""
         due = ["grow"] if self.is_check_step(step) else []
         return due + (["switch"] if not self.switched and step == self.switch_step else [])
 
+    @override
     def should_update_at_epoch_end(self, epoch: int) -> list[str]:
         """``switch`` once epoch ``switch_epoch`` ends (unless ``switch_step`` is set)."""
         due = self.switch_step is None and epoch == self.switch_epoch and not self.switched
@@ -193,6 +192,7 @@ class InRank(LowRankStrategy):
         self.switched = True
         return [StateReset(factors, "full")] if factors else []
 
+    @override
     def layers_to_shrink(self, model: nn.Module) -> list[tuple[str, IncrementalLinear]]:
         """After the switch: every layer whose capacity exceeds its found rank (stage 2 trains ``r (m + n)``)."""
         if not self.switched:
@@ -205,6 +205,7 @@ class InRank(LowRankStrategy):
                 if isinstance(layer, IncrementalLinear)]
 
     # ----------------------------------------------------------------------------- logging, state
+    @override
     def metrics(self, model: nn.Module) -> dict[str, float]:
         active = sum(layer.active_rank for _, _, layer in self._incremental_layers(model))
         return {**super().metrics(model), "inrank/total_active_rank": float(active),

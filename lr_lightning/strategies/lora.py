@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from torch import nn
+from typing_extensions import override
 
 from lr_lightning.layers.lora import LoRALinear
 from lr_lightning.strategies.base import LowRankStrategy, check_rank_argument, layer_generator, resolve_rank
@@ -37,6 +38,7 @@ class LoRA(LowRankStrategy):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.rank, self.alpha, self.dropout, self.seed = rank, alpha, dropout, seed
 
+    @override
     def convert(self, name: str, module: nn.Module, index: int) -> nn.Module:
         m, n = module.weight.shape
         rank = resolve_rank(self.rank, m, n, name)

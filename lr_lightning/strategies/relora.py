@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from lr_lightning.layers.lora import LoRALinear
 from lr_lightning.optim import RESET_MODES, ResetMode, StateEdit, StateReset
@@ -71,13 +72,16 @@ class ReLoRA(LoRA):
         self.merge_every, self.reset, self.reset_fraction = merge_every, reset, reset_fraction
         self.restart_warmup_steps, self.warm_start_steps = restart_warmup_steps, warm_start_steps
 
+    @override
     @property
     def trains_base(self) -> bool:
         return self.warm_start_steps > 0
 
+    @override
     def operations(self, model: nn.Module) -> dict[str, int | None]:
         return {"merge": self.merge_every}
 
+    @override
     def should_update(self, step: int) -> list[str]:
         """Merge at the end of the warm start and every ``merge_every`` steps after it."""
         since = step - self.warm_start_steps
@@ -97,6 +101,7 @@ class ReLoRA(LoRA):
             resets.append(StateReset(self._bases(model), "drop"))
         return resets
 
+    @override
     def before_optimizer_step(self, model: nn.Module, step: int) -> list[StateEdit]:
         """After the warm start, drop ``W0``'s gradient so the optimizer skips it (no step, no decay)."""
         if self.trains_base and step >= self.warm_start_steps:
@@ -107,6 +112,7 @@ class ReLoRA(LoRA):
     def _bases(self, model: nn.Module) -> list[torch.Tensor]:
         return [layer.weight for _, layer in self.layers(model) if isinstance(layer, LoRALinear)]
 
+    @override
     def lr_multiplier(self, step: int, role: str) -> float:
         """A linear ramp from 0 to 1 over ``restart_warmup_steps`` after each merge."""
         first_merge = self.warm_start_steps or self.merge_every
@@ -114,5 +120,6 @@ class ReLoRA(LoRA):
             return 1.0
         return min(1.0, ((step - first_merge) % self.merge_every) / self.restart_warmup_steps)
 
+    @override
     def metrics(self, model: nn.Module) -> dict[str, float]:
         return {**super().metrics(model), "relora/merges": float(self.merges)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from torch import nn
+from typing_extensions import override
 
 from lr_lightning.layers.spectral import SpectralLinear
 from lr_lightning.optim import StateEdit, StateReset
@@ -65,6 +66,7 @@ class SST(LowRankStrategy):
         self.uniform_mix, self.restart_warmup_steps = uniform_mix, restart_warmup_steps
         self.enhanced_gradient, self.seed = enhanced_gradient, seed
 
+    @override
     def convert(self, name: str, module: nn.Module, index: int) -> SpectralLinear:
         m, n = module.weight.shape
         layer = SpectralLinear.from_linear(module, resolve_rank(self.rank, m, n, name), self.enhanced_gradient)
@@ -75,16 +77,19 @@ class SST(LowRankStrategy):
         """Draws per round of ``layer``."""
         return self.round_length or math.ceil(layer.capacity / layer.rank)
 
+    @override
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Projected step: clamp ``s`` at 0 and renormalise the active singular vectors."""
         for _, layer in self.spectral_layers(model):
             layer.project_()
 
+    @override
     def operations(self, model: nn.Module) -> dict[str, int | None]:
         """``resample`` every ``iteration_interval`` steps; ``resvd`` once a round ends (the longest round)."""
         rounds = [self.rounds_of(layer) for _, layer in self.spectral_layers(model)]
         return {"resvd": self.iteration_interval * max(rounds, default=1), "resample": self.iteration_interval}
 
+    @override
     def should_update(self, step: int) -> list[str]:
         """At the end of every iteration: re-SVD the layers whose round ends, then draw new active sets."""
         return ["resvd", "resample"] if step > 0 and step % self.iteration_interval == 0 else []
@@ -114,6 +119,7 @@ class SST(LowRankStrategy):
         """The converted layers of ``model``."""
         return [(n, m) for n, m in self.layers(model) if isinstance(m, SpectralLinear)]
 
+    @override
     def lr_multiplier(self, step: int, role: str) -> float:
         """A linear ramp from 0 to 1 over ``restart_warmup_steps`` for ``U, V`` after each draw."""
         if role != "basis" or step < self.iteration_interval or self.restart_warmup_steps == 0:

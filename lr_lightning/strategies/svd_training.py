@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from lr_lightning.layers.svd import DECOMPOSITIONS, SVD_INITS, Decomposition, SVDConv2d, SVDInit, SVDLayer, SVDLinear
 from lr_lightning.optim import StateEdit, StateReset
@@ -132,6 +133,7 @@ class SVDTraining(LowRankStrategy):
         self.stage = "sparsify" if sparsify_at == 0 else "train"
 
     # ----------------------------------------------------------------------------- conversion
+    @override
     def handles(self, module: nn.Module) -> bool:
         """``nn.Linear`` with a 2-D weight; ``nn.Conv2d`` with ``groups=1``, zero padding and (unless
         ``input_convs``) more than 3 input channels."""
@@ -140,6 +142,7 @@ class SVDTraining(LowRankStrategy):
                     and (self.input_convs or module.in_channels > INPUT_CONV_CHANNELS))
         return super().handles(module)
 
+    @override
     def _no_match_message(self, model: nn.Module, pattern: str, names: list[str]) -> str:
         message = super()._no_match_message(model, pattern, names)
         if self.input_convs:
@@ -147,6 +150,7 @@ class SVDTraining(LowRankStrategy):
         return (f"{message} Convs with at most {INPUT_CONV_CHANNELS} input channels are left dense "
                 "unless input_convs=True.")
 
+    @override
     def convert(self, name: str, module: nn.Module, index: int) -> nn.Module:
         if isinstance(module, nn.Conv2d):
             return SVDConv2d.from_conv(module, self.decomposition, self.init, layer_generator(self.seed, index))
@@ -178,6 +182,7 @@ class SVDTraining(LowRankStrategy):
         orthogonality, sparsity = self.penalties(model)
         return self.orthogonality_weight * orthogonality + (self.sparsity_weight * sparsity if self.sparsity_on else 0)
 
+    @override
     def before_optimizer_step(self, model: nn.Module, step: int) -> list[StateEdit]:
         """``grad += d regularizer / d (N, s, C)``, after backward and AMP unscaling, before clipping."""
         layers = self.svd_layers(model)
@@ -198,13 +203,16 @@ class SVDTraining(LowRankStrategy):
         return []
 
     # ----------------------------------------------------------------------------- stages
+    @override
     def operations(self, model: nn.Module) -> dict[str, int | None]:
         return {"sparsify": None, "prune": None}
 
+    @override
     def should_update(self, step: int) -> list[str]:
         """With ``unit="step"``: the stage change due once ``step`` optimizer steps have completed."""
         return self._due(step) if self.unit == "step" and step > 0 else []
 
+    @override
     def should_update_at_epoch_end(self, epoch: int) -> list[str]:
         """With ``unit="epoch"``: the stage change due once ``epoch + 1`` epochs have completed."""
         return self._due(epoch + 1) if self.unit == "epoch" else []
@@ -214,7 +222,7 @@ class SVDTraining(LowRankStrategy):
         return due + (["prune"] if completed == self.prune_at else [])
 
     def sparsify(self, model: nn.Module, step: int) -> list[StateEdit]:
-        """Enter stage ``sparsify`` from ``train``: ``R_s`` joins the objective (no layer or optimizer state changes)."""
+        """Enter stage ``sparsify`` from ``train``: ``R_s`` joins the objective (layers and optimizer unchanged)."""
         if self.stage == "train":
             self.stage = "sparsify"
         return []
@@ -233,6 +241,7 @@ class SVDTraining(LowRankStrategy):
         self.stage = "finetune"
         return [StateReset(rewritten, "full")] if rewritten else []
 
+    @override
     def layers_to_shrink(self, model: nn.Module) -> list[tuple[str, SVDLayer]]:
         """After the prune (stage ``finetune``): every layer holding pruned singular values."""
         if self.stage != "finetune":
@@ -240,6 +249,7 @@ class SVDTraining(LowRankStrategy):
         return [(name, layer) for name, layer in self.svd_layers(model) if layer.rank < layer.capacity]
 
     # ----------------------------------------------------------------------------- logging, state
+    @override
     def metrics(self, model: nn.Module) -> dict[str, float]:
         """Total rank, ``sum_l L_o``, ``sum_l R_s`` and the stage index (0 train, 1 sparsify, 2 finetune)."""
         with torch.no_grad():

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.optim import Optimizer
+from typing_extensions import override
 
 from lr_lightning.layers.tensors import full_tensor
 from lr_lightning.layers.tucker import TuckerChange, TuckerConv2d, TuckerLayer, TuckerLinear
@@ -112,12 +113,14 @@ class TDLRT(LowRankStrategy):
         self.integrating = False
 
     # ----------------------------------------------------------------------------- conversion
+    @override
     def handles(self, module: nn.Module) -> bool:
         """Linear layers with a 2-D weight, and Conv2d with ``groups=1`` and zeros padding."""
         if isinstance(module, nn.Conv2d):
             return module.groups == 1 and module.padding_mode == "zeros"
         return super().handles(module)
 
+    @override
     def convert(self, name: str, module: nn.Module, index: int) -> nn.Module:
         if isinstance(module, nn.Conv2d):
             c_out, c_in, k_h, k_w = module.weight.shape
@@ -164,6 +167,7 @@ class TDLRT(LowRankStrategy):
         """Whether optimizer step ``step + 1`` is an augmentation (cheap variant)."""
         return self.variant == "cheap" and step % self.augment_every == 0
 
+    @override
     def before_optimizer_step(self, model: nn.Module, step: int) -> list[StateEdit]:
         """Cheap variant: augment on augmentation steps and keep the factorized layers from stepping
         then; on the other steps only the cores step. The basis gradients are consumed here (cleared
@@ -185,6 +189,7 @@ class TDLRT(LowRankStrategy):
                 layer.core.grad = None
         return edits
 
+    @override
     def operations(self, model: nn.Module) -> dict[str, int | None]:
         """Cheap variant: ``augment`` (from the fresh gradients, before a step) and ``truncate`` every
         ``augment_every`` steps. Faithful: ``truncate`` every step, inside :class:`BUGOptimizer` (whose
@@ -193,10 +198,12 @@ class TDLRT(LowRankStrategy):
             return {"augment": self.augment_every, "truncate": self.augment_every}
         return {"truncate": 1}
 
+    @override
     def should_update(self, step: int) -> list[str]:
         """Cheap variant: truncate once every ``augment_every`` steps, right before the next augmentation."""
         return ["truncate"] if self.variant == "cheap" and step > 0 and step % self.augment_every == 0 else []
 
+    @override
     def param_groups(self, model: nn.Module, weight_decay: float | None = None) -> list[dict[str, Any]]:
         """:meth:`LowRankStrategy.param_groups` without the ``basis`` group in the cheap variant: its bases
         never take an optimizer step, so they get no optimizer state (a distributed checkpoint then
@@ -205,8 +212,9 @@ class TDLRT(LowRankStrategy):
         groups = super().param_groups(model, weight_decay)
         return groups if self.variant == "faithful" else [g for g in groups if g["lowrank_role"] != "basis"]
 
+    @override
     def wrap_optimizer(self, optimizer: Optimizer, model: nn.Module) -> Optimizer:
-        """The faithful variant's :class:`BUGOptimizer` around ``optimizer`` (once); ``optimizer`` itself for ``cheap``."""
+        """The faithful variant's :class:`BUGOptimizer` around ``optimizer`` (once); ``optimizer`` itself if cheap."""
         if self.variant == "cheap" or isinstance(optimizer, BUGOptimizer):
             return optimizer
         return BUGOptimizer(optimizer, self, model)
@@ -216,6 +224,7 @@ class TDLRT(LowRankStrategy):
         """``1 - trainable / dense`` parameters of the targeted layers at their current ranks."""
         return 1.0 - self.report(model).ratio
 
+    @override
     def metrics(self, model: nn.Module) -> dict[str, float]:
         return {**super().metrics(model), "tdlrt/compression": self.compression(model)}
 
@@ -234,13 +243,13 @@ class BUGOptimizer(OptimizerWrapper):
     DLRT trains this integrator with SGD. With Adam, prefer ``moments="reset"``: truncation rotates
     the core every step, and the square-root transport of ``v`` can then cancel to ~0 under a
     non-zero ``m``. ``optimizer`` keeps its parameter groups and state (:class:`OptimizerWrapper`).
-    :class:`~lr_lightning.callbacks.LowRankCallback` installs this wrapper at fit start. The closure must zero the gradients and run
-    backward, as Lightning's automatic optimization does (with ``accumulate_grad_batches=1``); a
-    closure-less step (fp16 ``GradScaler``) is an error, except at learning rate 0, which only creates
-    the optimizer's state (``torch.distributed.checkpoint`` does that when an FSDP2 run resumes).
-    Each pass differentiates only what it steps (the K pass never touches the cores, the Galerkin
-    pass holds the bases constant); the other parameters take part with a zero gradient, so DDP
-    needs no ``find_unused_parameters``.
+    :class:`~lr_lightning.callbacks.LowRankCallback` installs this wrapper at fit start. The closure
+    must zero the gradients and run backward, as Lightning's automatic optimization does (with
+    ``accumulate_grad_batches=1``); a closure-less step (fp16 ``GradScaler``) is an error, except at
+    learning rate 0, which only creates the optimizer's state (``torch.distributed.checkpoint`` does
+    that when an FSDP2 run resumes). Each pass differentiates only what it steps (the K pass never
+    touches the cores, the Galerkin pass holds the bases constant); the other parameters take part
+    with a zero gradient, so DDP needs no ``find_unused_parameters``.
     """
 
     def __init__(self, optimizer: Optimizer, strategy: TDLRT, model: nn.Module) -> None:
@@ -249,6 +258,7 @@ class BUGOptimizer(OptimizerWrapper):
         self.steps = 0
         """Integrator steps taken by this object (the ``step`` its truncations are told)."""
 
+    @override
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         if closure is None and all(float(group.get("lr", 0.0)) == 0 for group in self.param_groups):
             return self.optimizer.step()  # creates the state only (how FSDP2's checkpoint loading initialises it)

@@ -58,7 +58,7 @@ class StrategyTask(L.LightningModule):
         return self.optimizer_factory(self.param_groups())
 
     def total_steps(self) -> int | None:
-        """Optimizer steps of the whole run, or ``None`` when it has no planned end (``max_steps=-1``, no epoch limit)."""
+        """Optimizer steps of the whole run, or ``None`` if it has no planned end (``max_steps=-1``, no epoch limit)."""
         total = self.trainer.estimated_stepping_batches
         return int(total) if math.isfinite(total) else None
 

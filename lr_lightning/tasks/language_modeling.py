@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torchmetrics.text import Perplexity
+from typing_extensions import override
 
 from lr_lightning.models import GPT, GPTConfig
 from lr_lightning.strategies import LowRankStrategy
@@ -32,7 +33,7 @@ class LanguageModelingTask(StrategyTask):
         block_size: Longest context.
         n_layer: Decoder blocks.
         n_head: Attention heads.
-        n_embd: Model width.
+        model_dim: Model width (GPTConfig's ``n_embd``).
         ffn_mult: MLP hidden width over model width.
         dropout: Dropout in attention and MLP outputs.
         activation: MLP nonlinearity (``gelu`` as GPT-2, ``relu`` as OPT).
@@ -48,7 +49,7 @@ class LanguageModelingTask(StrategyTask):
         block_size: int = 128,
         n_layer: int = 4,
         n_head: int = 4,
-        n_embd: int = 128,
+        model_dim: int = 128,
         ffn_mult: int = 4,
         dropout: float = 0.0,
         activation: Literal["gelu", "relu"] = "gelu",
@@ -61,14 +62,17 @@ class LanguageModelingTask(StrategyTask):
         self.val_ppl = Perplexity()
         self.test_ppl = Perplexity()
 
+    @override
     def build_model(self) -> GPT:
         h = self.hparams
         return GPT(GPTConfig(vocab_size=h.vocab_size, block_size=h.block_size, n_layer=h.n_layer, n_head=h.n_head,
-                             n_embd=h.n_embd, ffn_mult=h.ffn_mult, dropout=h.dropout, activation=h.activation))
+                             n_embd=h.model_dim, ffn_mult=h.ffn_mult, dropout=h.dropout, activation=h.activation))
 
+    @override
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
+    @override
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         needed = getattr(datamodule, "tokenizer_vocab_size", None)
@@ -80,6 +84,7 @@ class LanguageModelingTask(StrategyTask):
             raise ValueError(f"data seq_len={seq_len} exceeds the model's block_size={self.hparams.block_size}: "
                              f"lower --data.init_args.seq_len or raise --model.init_args.block_size")
 
+    @override
     def configure_model(self) -> None:
         mesh = self.device_mesh
         if mesh is None or isinstance(self.model, FSDPModule):
@@ -89,23 +94,25 @@ class LanguageModelingTask(StrategyTask):
             fully_shard(block, mesh=data_parallel)
         fully_shard(self.model, mesh=data_parallel)
 
-
     def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
         logits = self(x)
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()), logits
 
+    @override
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _ = self._loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    @override
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss, logits = self._loss(batch)
         self.val_ppl(logits.float(), batch[1])
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", self.val_ppl, prog_bar=True)
 
+    @override
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss, logits = self._loss(batch)
         self.test_ppl(logits.float(), batch[1])

@@ -1,4 +1,4 @@
-"""``NodeClassificationTask``: full-batch node classification with a hyperbolic (HyboNet) or Euclidean GCN and a strategy.
+"""``NodeClassificationTask``: full-batch node classification, hyperbolic (HyboNet) or Euclidean GCN, with a strategy.
 
 One optimizer steps everything, so Lightning's automatic optimization, the strategies' in-place
 optimizer-state resets and ReLoRA's or SST's per-group LR schedule work unchanged:
@@ -25,6 +25,7 @@ from geoopt.optim.mixin import OptimMixin
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from typing_extensions import override
 
 from lr_lightning.data.graphs import Graph
 from lr_lightning.models.gcn import GCN
@@ -78,6 +79,7 @@ class RiemannianAdamW(geoopt.optim.RiemannianAdam):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, stabilize=stabilize,
                          decoupled_weight_decay=True)
 
+    @override
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         loss = None
@@ -116,7 +118,7 @@ class NodeClassificationTask(StrategyTask):
         architecture: ``hybonet`` (fully hyperbolic, Lorentz model) or ``gcn`` (Euclidean baseline).
         in_features: Node feature width; must match the data (``GraphDataModule.num_features``).
         num_classes: Classes; must match the data.
-        hidden_dim: Hidden width (HyboNet: ambient width of the points, e.g. 16 for ``H^15``).
+        model_dim: Model width of every hidden layer (HyboNet: ambient width of the points, e.g. 16 for ``H^15``).
         num_layers: Graph convolutions (the GCN's output layer included).
         dropout: Dropout on every layer's input.
         curvature: HyboNet's ``k`` (``<x, x>_L = -k``).
@@ -133,7 +135,7 @@ class NodeClassificationTask(StrategyTask):
         architecture: Architecture = "hybonet",
         in_features: int = 16,
         num_classes: int = 4,
-        hidden_dim: int = 16,
+        model_dim: int = 16,
         num_layers: int = 2,
         dropout: float = 0.0,
         curvature: float = 1.0,
@@ -147,7 +149,7 @@ class NodeClassificationTask(StrategyTask):
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        for name, value in (("in_features", in_features), ("num_classes", num_classes), ("hidden_dim", hidden_dim)):
+        for name, value in (("in_features", in_features), ("num_classes", num_classes), ("model_dim", model_dim)):
             if value < (2 if name == "num_classes" else 1):
                 raise ValueError(f"{name} must be >= {2 if name == 'num_classes' else 1}, got {value}")
         if not 0 <= dropout < 1:
@@ -155,20 +157,24 @@ class NodeClassificationTask(StrategyTask):
         self.save_hyperparameters(ignore=["strategy", "optimizer"])
         self.install_model()
         self.manifold_points = sum(is_manifold_point(p) for p in self.parameters())
-        metrics = {"acc": partial(MulticlassAccuracy, average="micro"), "f1": partial(MulticlassF1Score, average="macro")}
+        metrics = {"acc": partial(MulticlassAccuracy, average="micro"),
+                   "f1": partial(MulticlassF1Score, average="macro")}
         self.scores = nn.ModuleDict({f"{split}_{name}": make(num_classes=num_classes)
                                       for split in ("val", "test") for name, make in metrics.items()})
 
+    @override
     def build_model(self) -> nn.Module:
         """The dense model the hyperparameters describe."""
         h = self.hparams
         if h.architecture == "hybonet":
-            return HyboNet(h.in_features, h.hidden_dim, h.num_classes, h.num_layers, h.dropout, h.curvature)
-        return GCN(h.in_features, h.hidden_dim, h.num_classes, h.num_layers, h.dropout)
+            return HyboNet(h.in_features, h.model_dim, h.num_classes, h.num_layers, h.dropout, h.curvature)
+        return GCN(h.in_features, h.model_dim, h.num_classes, h.num_layers, h.dropout)
 
+    @override
     def forward(self, graph: Graph) -> torch.Tensor:
         return self.model(graph.x, graph.edge_index, graph.edge_weight)
 
+    @override
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         for name, flag in (("num_features", "in_features"), ("num_classes", "num_classes")):
@@ -178,12 +184,12 @@ class NodeClassificationTask(StrategyTask):
                 raise ValueError(f"the data has {name}={found} but the model was built with {flag}={expected}: "
                                  f"set --model.init_args.{flag} {found}")
 
-
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.hparams.loss == "margin":
             return margin_loss(logits.float(), target, self.hparams.margin)
         return F.cross_entropy(logits.float(), target)
 
+    @override
     def training_step(self, graph: Graph, batch_idx: int) -> torch.Tensor:
         logits = self(graph)[graph.train_index]
         loss = self._loss(logits, graph.y[graph.train_index])
@@ -200,12 +206,15 @@ class NodeClassificationTask(StrategyTask):
             metric(logits, target)
             self.log(f"{split}/{name}", metric, prog_bar=split == "val", batch_size=1)
 
+    @override
     def validation_step(self, graph: Graph, batch_idx: int) -> None:
         self._evaluate(graph, "val")
 
+    @override
     def test_step(self, graph: Graph, batch_idx: int) -> None:
         self._evaluate(graph, "test")
 
+    @override
     def param_groups(self) -> list[dict[str, Any]]:
         """The strategy's groups, with the manifold points moved into a ``manifold`` group without weight decay."""
         groups = []
@@ -218,6 +227,7 @@ class NodeClassificationTask(StrategyTask):
             groups.append({"params": points, "lowrank_role": "manifold", "weight_decay": 0.0})
         return groups
 
+    @override
     def build_optimizer(self) -> torch.optim.Optimizer:
         """The optimizer over :meth:`param_groups`; it must keep the manifold points on their manifold."""
         optimizer = super().build_optimizer()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any, Literal
 
@@ -14,6 +15,9 @@ from fairseq2.data.data_pipeline import Collater
 from fairseq2.generation.beam_search import BeamSearchSeq2SeqGenerator
 from fairseq2.nn import BatchLayout
 from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from typing_extensions import override
 
 from lr_lightning.data.translation import BOS, PAD, TranslationTokenizer
 from lr_lightning.models.seq2seq import build_transformer
@@ -43,6 +47,25 @@ def teacher_forcing(target: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Batc
     return inputs, BatchLayout(inputs.shape, [n - 1 for n in seq_lens(target)], device=seqs.device), seqs[:, 1:]
 
 
+@contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """Every FSDP2 parameter group of ``model`` all-gathered once and kept whole inside the block, resharded after it.
+
+    Beam search runs a data-dependent number of forwards per process; all-gathering per forward would leave
+    processes waiting in collectives the others never start. Without FSDP2 this does nothing.
+    """
+    groups = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    for module in groups:
+        module.unshard()
+        module.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for module in groups:
+            module.set_reshard_after_forward(module is not model, recurse=False)  # fully_shard's defaults
+            module.reshard()
+
+
 class VocabularyLimit:
     """fairseq2 step processor: never emit ids ``>= size`` (embedding rows beyond the tokenizer's vocabulary)."""
 
@@ -60,13 +83,15 @@ class TranslationTask(StrategyTask):
     source/target embedding tied to the output projection, sinusoidal positions. The strategy converts
     its attention and FFN projections in ``__init__`` (names like ``model.encoder.layers.0.self_attn.q_proj``,
     ``model.decoder.layers.2.ffn.inner_proj``). Validation and test report the label-smoothed loss, the
-    per-token NLL and detokenized corpus BLEU (sacrebleu) of fairseq2's beam search.
+    per-token NLL and detokenized corpus BLEU (sacrebleu) of fairseq2's beam search. Under
+    ``ModelParallelStrategy`` each encoder and decoder layer and the whole model are sharded with FSDP2's
+    ``fully_shard`` in ``configure_model``; beam search then gathers the whole model once per batch.
 
     Args:
         strategy: The low-rank method (default: ``FullRank()``).
         optimizer: Optimizer factory called with the parameter groups (default: AdamW).
         vocab_size: Embedding rows; at least the data module's SentencePiece vocabulary.
-        model_dim: Model width ``d``.
+        model_dim: Model width ``d`` (fairseq2's ``model_dim``).
         num_layers: Encoder layers and decoder layers (each).
         num_heads: Attention heads.
         ffn_dim: FFN inner width.
@@ -115,11 +140,13 @@ class TranslationTask(StrategyTask):
         self.tokenizer: TranslationTokenizer | None = None
         self._outputs: dict[str, list[tuple[str, str]]] = {"val": [], "test": []}
 
+    @override
     def build_model(self) -> torch.nn.Module:
         h = self.hparams
         return build_transformer(h.vocab_size, h.model_dim, h.num_layers, h.num_heads, h.ffn_dim, h.dropout,
                                  h.max_seq_len, PAD)
 
+    @override
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         self.tokenizer = getattr(datamodule, "tokenizer", None) or self.tokenizer
@@ -133,8 +160,20 @@ class TranslationTask(StrategyTask):
                              f"{self.hparams.max_seq_len}: lower --data.init_args.max_seq_len or raise "
                              f"--model.init_args.max_seq_len")
 
+    @override
+    def configure_model(self) -> None:
+        """FSDP2 under ``ModelParallelStrategy``: ``fully_shard`` each encoder and decoder layer, then the whole
+        model, whose group holds the embedding that the output projection shares (one parameter, one shard)."""
+        mesh = self.device_mesh
+        if mesh is None or isinstance(self.model, FSDPModule):
+            return
+        data_parallel = mesh["data_parallel"]
+        for layer in [*self.model.encoder.layers, *self.model.decoder.layers]:
+            fully_shard(layer, mesh=data_parallel)
+        fully_shard(self.model, mesh=data_parallel)
 
     # ----------------------------------------------------------------------------- loss
+    @override
     def forward(self, source: torch.Tensor, source_layout: BatchLayout, target_in: torch.Tensor,
                 target_layout: BatchLayout) -> torch.Tensor:
         """Logits of the next target token at every decoder position."""
@@ -151,6 +190,7 @@ class TranslationTask(StrategyTask):
     def _smoothed_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, targets, ignore_index=PAD, label_smoothing=self.hparams.label_smoothing)
 
+    @override
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         logits, targets, tokens = self._logits(batch)
         loss = self._smoothed_loss(logits, targets)
@@ -172,10 +212,12 @@ class TranslationTask(StrategyTask):
     @torch.no_grad()
     def translate_tokens(self, source: torch.Tensor, source_layout: BatchLayout,
                          beam_size: int | None = None) -> list[torch.Tensor]:
-        """The best hypothesis (token ids after ``<s>``, ending with ``</s>``) for every source sequence."""
+        """The best hypothesis (token ids after ``<s>``, ending with ``</s>``) for every source sequence; under
+        FSDP2 every process must call it (the model is gathered)."""
         prompt = torch.full((source.size(0), 1), BOS, dtype=source.dtype, device=source.device)
-        output = self.generator(beam_size)(source, source_layout, prompt,
-                                           BatchLayout(prompt.shape, [1] * source.size(0), device=source.device))
+        with gathered(self.model):
+            output = self.generator(beam_size)(source, source_layout, prompt,
+                                               BatchLayout(prompt.shape, [1] * source.size(0), device=source.device))
         return [hypotheses[0].seq for hypotheses in output.hypotheses]
 
     def translate(self, sources: list[str], beam_size: int | None = None) -> list[str]:
@@ -209,19 +251,24 @@ class TranslationTask(StrategyTask):
             bleu = sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score
             self.log(f"{stage}/bleu", bleu, prog_bar=True, sync_dist=True)  # equal on every process
 
+    @override
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch, "val")
 
+    @override
     def on_validation_epoch_end(self) -> None:
         self._log_bleu("val")
 
+    @override
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
+    @override
     def on_test_epoch_end(self) -> None:
         self._log_bleu("test")
 
     # ----------------------------------------------------------------------------- optimization
+    @override
     def lr_schedule(self) -> Callable[[int], float]:
         """``inverse_sqrt`` (warmup, then ``sqrt(warmup / t)``) or the base class's warmup + cosine."""
         if self.hparams.schedule == "inverse_sqrt":

@@ -65,10 +65,8 @@ def test_tables_have_one_row_per_layer_shape_and_rank_and_name_every_periodic_op
     dense = [row for row in rows if row[0] == "dense"]
     assert all(row[4] == row[5] == row[6] == "1.00" for row in dense)
     ops = {row[3] for row in bench.ops_rows(results)}
-    assert {"ReLoRA merge + reinit + state reset", "SST resample", "InRank rank check (spectrum + grow)",
-            "InRank switch (SVD re-factor)", "TDLRT truncate (core HOSVD)", "TDLRT augment (QR of (I - U U^T) dL/dU)",
-            "SVD training prune (standardize + energy)"} <= ops
-    assert any(op.startswith("SST re-SVD") for op in ops)
+    assert {"ReLoRA merge", "SST resample", "SST resvd", "InRank grow", "InRank switch", "TDLRT truncate",
+            "TDLRT augment", "SVDTraining prune"} <= ops
     text = bench.report(results, "header")
     assert text.startswith("header") and "6Tr(m+n+r)" in text
 
@@ -87,7 +85,7 @@ def test_periodic_operations_run_on_copies_leave_the_timed_layer_unchanged():
     trainee = bench.make_trainee(bench.KINDS["inrank"], 32, 32, 8, 8, CPU)
     bench.time_steps(trainee, 1, CPU)
     before = trainee.layer.active_rank
-    ops = bench.periodic_ops("inrank", trainee, 1, CPU)
+    ops = bench.periodic_ops(trainee, 1, CPU)
     assert [op.every for op in ops] == [trainee.strategy.check_every, None]
     assert trainee.layer.active_rank == before and trainee.layer.buffer > 0
 

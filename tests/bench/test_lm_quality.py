@@ -52,7 +52,7 @@ def test_low_rank_strategies_share_the_rank_and_the_interval():
     assert strategies["inrank"].switch_step == steps // 2
     assert 0 < strategies["svd_training"].sparsify_at < strategies["svd_training"].prune_at < steps
     for name in ("lora", "relora_star", "sst", "tdlrt"):
-        task = LanguageModelingTask(strategy=strategies[name], n_layer=1, n_embd=64, n_head=2)
+        task = LanguageModelingTask(strategy=strategies[name], n_layer=1, model_dim=64, n_head=2)
         assert {row.rank for row in strategies[name].report(task).rows} == {rank}, name
 
 
@@ -72,7 +72,7 @@ def test_targets_report_the_share_of_the_gap_sst_closes_and_inrank_against_full_
 def test_task_takes_the_config_optimizer_and_shape():
     budget = bench.Budget(steps=100)
     task = bench.build_task("sst", bench.build_strategy("sst", 16, 100, 20), 300, budget)
-    assert (task.hparams.n_layer, task.hparams.n_embd, task.hparams.vocab_size) == (4, 128, 300)
+    assert (task.hparams.n_layer, task.hparams.model_dim, task.hparams.vocab_size) == (4, 128, 300)
     optimizer = task.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["lr"] == 0.003
 

@@ -4,22 +4,24 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import TinyMLP
+from conftest import RecordingAdamW, TinyMLP
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lr_lightning.callbacks import LowRankCallback, RankMonitor
-from lr_lightning.layers import LoRALinear
-from lr_lightning.strategies import LoRA, ReLoRA
+from lr_lightning.layers import LoRALinear, SpectralLinear
+from lr_lightning.optim import RoleOptimizer
+from lr_lightning.strategies import SST, LoRA, ReLoRA, SVDTraining
 
 
 class PlainModule(L.LightningModule):
     """A user's module: builds its own optimizer from model.parameters(), knows nothing of strategies."""
 
-    def __init__(self, optimizer_before_conversion: bool = False) -> None:
+    def __init__(self, optimizer_before_conversion: bool = False, step_lr: bool = False) -> None:
         super().__init__()
         self.net = TinyMLP()
         self.early_optimizer = torch.optim.SGD(self.parameters(), lr=0.1) if optimizer_before_conversion else None
+        self.step_lr = step_lr
         self.merge_steps: list[int] = []
 
     def training_step(self, batch, batch_idx):
@@ -27,7 +29,13 @@ class PlainModule(L.LightningModule):
         return torch.nn.functional.cross_entropy(self.net(x).flatten(0, 1), y.flatten())
 
     def configure_optimizers(self):
-        return self.early_optimizer or torch.optim.AdamW(self.parameters(), lr=1e-2)
+        if self.early_optimizer is not None:
+            return self.early_optimizer
+        optimizer = RecordingAdamW(self.parameters(), lr=1e-2)  # torch's AdamW, weight decay 0.01, one group
+        if not self.step_lr:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=5, gamma=0.5), "interval": "step"}}
 
 
 def _loader(n: int = 32) -> DataLoader:
@@ -92,6 +100,65 @@ def test_warm_start_freezes_w0_in_a_users_own_optimizer():
     _trainer([LowRankCallback(strategy, verbose=False), snapshot], max_steps=4).fit(module, _loader())
     assert not torch.equal(snapshot.weight, initial)  # trained (and merged) during the warm start
     torch.testing.assert_close(module.net.body[0].weight, snapshot.weight, rtol=0, atol=0)  # frozen after
+
+
+def _recorder(trainer: L.Trainer) -> RecordingAdamW:
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, RoleOptimizer)
+    return optimizer.optimizer
+
+
+@pytest.mark.parametrize("step_lr", [False, True], ids=["no-scheduler", "chained-StepLR"])
+def test_relora_rewarms_a_users_plain_adamw_after_each_merge(step_lr):
+    torch.manual_seed(0)
+    module = PlainModule(step_lr=step_lr)
+    strategy = ReLoRA(rank=4, merge_every=4, restart_warmup_steps=2, reset="full")
+    trainer = _trainer([LowRankCallback(strategy, verbose=False)], max_steps=12)
+    trainer.fit(module, _loader(64))
+    recorder = _recorder(trainer)
+    base = [1e-2 * (0.5 ** (t // 5) if step_lr else 1.0) for t in range(12)]
+    ramp = [1, 1, 1, 1, 0, 0.5, 1, 1, 0, 0.5, 1, 1]  # 0 at each merge (after steps 4, 8), 1 after 2 steps
+    for param in (module.net.body[0].lora_A, module.net.head.weight):  # the factors and the user's own layers
+        assert recorder.lrs(param) == pytest.approx([b * r for b, r in zip(base, ramp)], rel=1e-12)
+    assert strategy.merges == 3  # after steps 4, 8 and 12
+    assert recorder.param_groups[0]["lr"] == pytest.approx(1e-2 * (0.5 ** (12 // 5) if step_lr else 1.0))
+
+
+def test_sst_rewarms_the_bases_and_drops_their_decay_in_a_users_single_group():
+    torch.manual_seed(0)
+    module = PlainModule()
+    strategy = SST(rank=4, iteration_interval=4, restart_warmup_steps=2)
+    trainer = _trainer([LowRankCallback(strategy, verbose=False)], max_steps=10)
+    trainer.fit(module, _loader(64))
+    recorder = _recorder(trainer)
+    layer = module.net.body[0]
+    assert isinstance(layer, SpectralLinear) and len(recorder.param_groups) == 1
+    assert recorder.lrs(layer.U_active) == pytest.approx([1e-2 * r for r in [1, 1, 1, 1, 0, 0.5, 1, 1, 0, 0.5]])
+    assert recorder.lrs(layer.s) == recorder.lrs(module.net.head.weight) == [1e-2] * 10  # s is not re-warmed
+    decays = {name: {step[id(p)][1] for step in recorder.stepped}
+              for name, p in [("U", layer.U_active), ("s", layer.s), ("head", module.net.head.weight)]}
+    assert decays == {"U": {0.0}, "s": {0.0}, "head": {0.01}}  # bases and spectra take no decay
+    assert recorder.param_groups[0]["weight_decay"] == 0.01  # the user's group is left as it was
+
+
+def test_decay_rules_follow_the_layers_through_a_shrink():
+    torch.manual_seed(0)
+    module = PlainModule()
+    strategy = SVDTraining(sparsify_at=1, prune_at=3, energy=0.3, sparsity_weight=0.5)
+    trainer = _trainer([LowRankCallback(strategy, verbose=False)], max_steps=6)
+    trainer.fit(module, _loader(64))
+    layer = module.net.body[0]
+    assert layer.capacity < 16  # shrunk at the prune: N, s, C are new Parameters
+    recorder = _recorder(trainer)
+    assert [step[id(layer.N)][1] for step in recorder.stepped[3:]] == [0.0] * 3
+    assert {step[id(module.net.head.weight)][1] for step in recorder.stepped} == {0.01}
+
+
+def test_a_strategy_without_lr_factor_or_decay_conflict_leaves_the_optimizer_as_built():
+    torch.manual_seed(0)
+    trainer = _trainer([LowRankCallback(LoRA(rank=2), verbose=False)], max_steps=2)
+    trainer.fit(PlainModule(), _loader())
+    assert type(trainer.optimizers[0]) is RecordingAdamW
 
 
 def test_optimizer_built_before_conversion_is_a_clear_error():

@@ -3,11 +3,10 @@ Airport/Disease loaders and their (leaky) paper split vs the clean stratified sp
 
 import pytest
 import torch
+from conftest import SHARED_DATA
 
 from lr_lightning.data import GraphDataModule
 from lr_lightning.data.graphs import Graph, generate_tree, stratified_split
-
-from conftest import SHARED_DATA
 
 PLANETOID = SHARED_DATA / "planetoid"
 HGCN = SHARED_DATA / "hgcn"

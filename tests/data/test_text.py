@@ -121,7 +121,7 @@ def test_bpe_datamodule(tmp_path):
     dm = TextDataModule(tokenizer="bpe", bpe_vocab_size=400, seq_len=16, batch_size=4, max_chars=50_000,
                         cache_dir=str(tmp_path))
     with pytest.raises(RuntimeError, match="setup"):
-        dm.tokenizer_vocab_size
+        _ = dm.tokenizer_vocab_size
     dm.prepare_data()
     assert len(list(tmp_path.glob("*.json"))) == 1
     dm.setup("fit")

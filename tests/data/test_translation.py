@@ -6,11 +6,12 @@ import shutil
 
 import pytest
 import torch
+from conftest import SHARED_DATA, require_translation_extra
 
-from lr_lightning.data.reordering_corpus import make_lexicon, write_reordering_corpus
-from lr_lightning.data.translation import PAD, TokenBatches, TranslationDataModule, read_parallel
+require_translation_extra()
 
-from conftest import SHARED_DATA
+from lr_lightning.data.reordering_corpus import make_lexicon, write_reordering_corpus  # noqa: E402
+from lr_lightning.data.translation import PAD, TokenBatches, TranslationDataModule, read_parallel  # noqa: E402
 
 MULTI30K = SHARED_DATA / "multi30k"
 MULTI30K_SIZES = {"train": 29000, "valid": 1014, "test": 1000}
@@ -49,7 +50,8 @@ def test_batches_stay_within_the_token_budget_and_cover_the_split(multi30k):
 def test_iwslt_layout_reads_the_same_pairs(multi30k, tmp_path):
     for split, name in (("train", "train"), ("valid", "val"), ("test", "test_2016_flickr")):
         for lang in ("de", "en"):
-            with gzip.open(MULTI30K / f"{name}.{lang}.gz", "rb") as src, open(tmp_path / f"{split}.{lang}", "wb") as dst:
+            with gzip.open(MULTI30K / f"{name}.{lang}.gz", "rb") as src, \
+                    open(tmp_path / f"{split}.{lang}", "wb") as dst:
                 shutil.copyfileobj(src, dst)
     iwslt = TranslationDataModule(path=str(tmp_path), source_lang="de", target_lang="en")
     assert iwslt.read_splits() == multi30k.read_splits()
@@ -86,8 +88,8 @@ def test_bad_arguments_are_rejected(kwargs, message):
 
 def test_ddp_ranks_get_equal_disjoint_shares_of_one_epoch():
     g = torch.Generator().manual_seed(0)
-    examples = [{"source": torch.randint(4, 9, (int(n),)), "target": torch.randint(4, 9, (int(m),)), "reference": str(i)}
-                for i, (n, m) in enumerate(torch.randint(2, 30, (500, 2), generator=g))]
+    examples = [{"source": torch.randint(4, 9, (int(n),)), "target": torch.randint(4, 9, (int(m),)),
+                 "reference": str(i)} for i, (n, m) in enumerate(torch.randint(2, 30, (500, 2), generator=g))]
     views = [TokenBatches(examples, max_tokens=256, max_seq_len=32, shuffle=True, seed=3) for _ in range(2)]
     for rank, view in enumerate(views):
         view.rank, view.world_size = rank, 2

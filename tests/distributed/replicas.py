@@ -44,7 +44,7 @@ def task(config: dict) -> LanguageModelingTask:
     L.seed_everything(0, verbose=False)
     strategy = strategy_from_config(config)
     return LanguageModelingTask(strategy=strategy, vocab_size=VOCAB, block_size=BLOCK, n_layer=2, n_head=2,
-                                n_embd=32, warmup_steps=2,
+                                model_dim=32, warmup_steps=2,
                                 optimizer=lambda groups: torch.optim.AdamW(groups, lr=1e-2))
 
 
@@ -59,12 +59,13 @@ class StopAt(L.Callback):
             trainer.should_stop = True
 
 
-def trainer(backend: str, max_steps: int, stop_and_save_at: int | None = None, ckpt_dir: Path | None = None) -> L.Trainer:
+def trainer(backend: str, max_steps: int, stop_and_save_at: int | None = None,
+            ckpt_dir: Path | None = None) -> L.Trainer:
     """A 2-process trainer; with ``stop_and_save_at`` it checkpoints there and stops; ``ckpt_dir`` also holds
     the checkpoint a shrink saves."""
     strategy = "ddp" if backend == "ddp" else ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-    callbacks = [] if stop_and_save_at is None else [
-        StopAt(stop_and_save_at), ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, every_n_train_steps=stop_and_save_at)]
+    saver = ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, every_n_train_steps=stop_and_save_at)
+    callbacks = [] if stop_and_save_at is None else [StopAt(stop_and_save_at), saver]
     return L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=max_steps, logger=False,
                      default_root_dir=ckpt_dir, enable_checkpointing=stop_and_save_at is not None,
                      callbacks=callbacks, enable_progress_bar=False,

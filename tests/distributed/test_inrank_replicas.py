@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import assert_states_close
 
 CONFIG = {"class_path": "lr_lightning.strategies.InRank", "init_args": {
     "init_rank": 1, "buffer": 2, "max_rank": 16, "warmup_steps": 1, "check_every": 2, "switch_step": 6}}
@@ -38,6 +39,4 @@ def test_checkpoint_after_growth_resumes_with_the_grown_ranks(results, backend):
 def test_fsdp2_grows_like_ddp(results):
     ddp = torch.load(results["ddp"][1] / "straight.pt")
     fsdp2 = torch.load(results["fsdp2"][1] / "straight.pt")
-    assert ddp.keys() == fsdp2.keys()
-    for key in ddp:
-        torch.testing.assert_close(fsdp2[key], ddp[key], atol=1e-3, rtol=1e-3, msg=key)
+    assert_states_close(fsdp2, ddp, tol=1e-3)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_states_close
 
 STRATEGIES = {
     "full": {"class_path": "lr_lightning.strategies.FullRank"},
@@ -43,6 +44,4 @@ def test_checkpoint_resumes_to_the_same_state(results, backend, method):
 def test_fsdp2_trains_like_ddp(results, method):
     ddp = torch.load(results["ddp", method][1] / "straight.pt")
     fsdp2 = torch.load(results["fsdp2", method][1] / "straight.pt")
-    assert ddp.keys() == fsdp2.keys()
-    for key in ddp:
-        torch.testing.assert_close(fsdp2[key], ddp[key], atol=1e-4, rtol=1e-4, msg=key)
+    assert_states_close(fsdp2, ddp, tol=1e-4)

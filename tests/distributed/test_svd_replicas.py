@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_states_close
 
 CONFIG = {"class_path": "lr_lightning.strategies.SVDTraining", "init_args": {
     "orthogonality_weight": 1.0, "sparsity": "hoyer", "sparsity_weight": 0.05, "energy": 0.1,
@@ -29,7 +30,7 @@ def test_replicas_agree_and_resume_through_the_prune(results, backend):
     assert result["step"] == 8 and result["second_half_moved"] > 1e-2
     assert result["resume_max_abs_diff"] < 1e-6  # the stage (sparsify at the step-4 checkpoint) was restored
     assert result["strategy_state"] == {"stage": "finetune"}
-    assert min(result["ranks"]) < 32 and max(result["ranks"]) <= 32  # n_embd = 32: every layer's capacity
+    assert min(result["ranks"]) < 32 and max(result["ranks"]) <= 32  # model_dim = 32: every layer's capacity
     assert result["capacities"] == result["ranks"]  # stage 2 ran at the pruned ranks: the layers were shrunk
 
 
@@ -50,6 +51,4 @@ def _weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def test_fsdp2_trains_like_ddp(results):
     ddp = _weights(torch.load(results["ddp"][1] / "straight.pt"))
     fsdp2 = _weights(torch.load(results["fsdp2"][1] / "straight.pt"))
-    assert ddp.keys() == fsdp2.keys()
-    for key in ddp:
-        torch.testing.assert_close(fsdp2[key].to(ddp[key].dtype), ddp[key], atol=1e-4, rtol=1e-4, msg=key)
+    assert_states_close(fsdp2, ddp, tol=1e-4)

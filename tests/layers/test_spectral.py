@@ -5,7 +5,8 @@ from torch import nn
 from lr_lightning.layers import SpectralLinear
 
 
-def _layer(m: int = 12, n: int = 20, rank: int = 4, enhanced: bool = True, seed: int = 0) -> tuple[nn.Linear, SpectralLinear]:
+def _layer(m: int = 12, n: int = 20, rank: int = 4, enhanced: bool = True,
+           seed: int = 0) -> tuple[nn.Linear, SpectralLinear]:
     torch.manual_seed(seed)
     dense = nn.Linear(n, m)
     return dense, SpectralLinear.from_linear(dense, rank, enhanced_gradient=enhanced)

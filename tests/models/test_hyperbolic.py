@@ -11,7 +11,7 @@ from lr_lightning.layers.base import LowRankLayer
 from lr_lightning.models import GCN, HyboNet, LorentzLinear
 from lr_lightning.models.gcn import propagate
 from lr_lightning.models.hyperbolic import LorentzAggregation, lorentz_inner, lorentz_residual
-from lr_lightning.strategies import SST, InRank, LoRA, ReLoRA, SVDTraining, TDLRT
+from lr_lightning.strategies import SST, TDLRT, InRank, LoRA, ReLoRA, SVDTraining
 
 
 def _points(n: int, dim: int, k: float = 1.0, scale: float = 0.5) -> torch.Tensor:

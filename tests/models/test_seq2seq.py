@@ -4,11 +4,15 @@ import copy
 
 import pytest
 import torch
-from fairseq2.models.nllb import NllbConfig, create_nllb_model
-from fairseq2.nn import BatchLayout, TiedProjection
+from conftest import require_translation_extra
 from torch import nn
 
-from lr_lightning.models.seq2seq import build_transformer, plain_projections_
+require_translation_extra()
+
+from fairseq2.models.nllb import NllbConfig, create_nllb_model  # noqa: E402
+from fairseq2.nn import BatchLayout, TiedProjection  # noqa: E402
+
+from lr_lightning.models.seq2seq import build_transformer, plain_projections_  # noqa: E402
 
 CONFIG = dict(model_dim=32, max_seq_len=32, vocab_size=50, pad_idx=0, num_encoder_layers=2, num_decoder_layers=2,
               num_encoder_attn_heads=4, num_decoder_attn_heads=4, ffn_inner_dim=64, dropout_p=0.0)

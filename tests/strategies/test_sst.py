@@ -10,7 +10,7 @@ from lr_lightning.layers import SpectralLinear
 from lr_lightning.strategies import SST
 from lr_lightning.tasks import LanguageModelingTask
 
-TINY = {"vocab_size": 32, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32, "warmup_steps": 2}
+TINY = {"vocab_size": 32, "block_size": 16, "n_layer": 2, "n_head": 2, "model_dim": 32, "warmup_steps": 2}
 
 
 def _loader() -> DataLoader:
@@ -170,7 +170,8 @@ def test_callback_runs_sst_on_a_plain_lightning_module(tmp_path, tiny_mlp):
     ({"iteration_interval": 0}, "iteration_interval must be >= 1"),
     ({"round_length": 0}, "round_length must be >= 1 or None"),
     ({"uniform_mix": 1.5}, r"uniform_mix must be in \[0, 1\]"),
-    ({"iteration_interval": 10, "restart_warmup_steps": 10}, r"restart_warmup_steps must be in \[0, iteration_interval=10\)"),
+    ({"iteration_interval": 10, "restart_warmup_steps": 10},
+     r"restart_warmup_steps must be in \[0, iteration_interval=10\)"),
 ])
 def test_bad_arguments_name_the_parameter(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):

@@ -10,7 +10,7 @@ from lr_lightning.layers.tucker import TuckerConv2d, TuckerLinear, truncation_ra
 from lr_lightning.optim import StateReset
 from lr_lightning.optim_transport import CoreMomentTransport
 from lr_lightning.strategies.base import strategy_from_config
-from lr_lightning.strategies.tdlrt import BUGOptimizer, TDLRT
+from lr_lightning.strategies.tdlrt import TDLRT, BUGOptimizer
 
 
 def low_rank_teacher(sigma: list[float], n: int = 24, seed: int = 0) -> torch.Tensor:

@@ -1,6 +1,7 @@
 import lightning as L
 import pytest
 import torch
+from conftest import RecordingAdamW
 from torch.utils.data import DataLoader, TensorDataset
 
 from lr_lightning.data import TextDataModule
@@ -8,7 +9,7 @@ from lr_lightning.layers import LoRALinear
 from lr_lightning.strategies import FullRank, InRank, LoRA, ReLoRA, SVDTraining
 from lr_lightning.tasks import LanguageModelingTask
 
-TINY = {"vocab_size": 32, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32, "warmup_steps": 2}
+TINY = {"vocab_size": 32, "block_size": 16, "n_layer": 2, "n_head": 2, "model_dim": 32, "warmup_steps": 2}
 
 
 def _loader() -> DataLoader:
@@ -22,15 +23,6 @@ def _trainer(tmp_path, **kw) -> L.Trainer:
                      default_root_dir=tmp_path, num_sanity_val_steps=0, **kw)
 
 
-class LearningRates(L.Callback):
-    def __init__(self) -> None:
-        self.by_role: dict[str, list[float]] = {}
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        for group in trainer.optimizers[0].param_groups:
-            self.by_role.setdefault(group["lowrank_role"], []).append(group["lr"])
-
-
 def test_task_converts_the_decoder_at_construction():
     task = LanguageModelingTask(strategy=LoRA(rank=4, target_modules=["*.mlp.*"]), **TINY)
     converted = [n for n, m in task.named_modules() if isinstance(m, LoRALinear)]
@@ -41,10 +33,9 @@ def test_task_converts_the_decoder_at_construction():
 
 def test_relora_schedule_rewarms_after_each_merge_inside_the_trainer(tmp_path):
     strategy = ReLoRA(rank=4, merge_every=4, restart_warmup_steps=2, reset="full")
-    task = LanguageModelingTask(strategy=strategy, **TINY)
-    lrs = LearningRates()
-    _trainer(tmp_path, max_steps=12, callbacks=[lrs], enable_checkpointing=False).fit(task, _loader())
-    factor = lrs.by_role["factor"]
+    task = LanguageModelingTask(strategy=strategy, optimizer=RecordingAdamW, **TINY)
+    _trainer(tmp_path, max_steps=12, enable_checkpointing=False).fit(task, _loader())
+    factor = task.trainer.optimizers[0].optimizer.lrs(task.model.blocks[0].attn.qkv.lora_A)
     assert strategy.merges == 3  # after steps 4, 8 and 12
     assert factor[4] == 0.0 and factor[8] == 0.0  # first step after each merge
     assert 0 < factor[5] < factor[6] and 0 < factor[9] < factor[10]

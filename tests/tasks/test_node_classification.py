@@ -16,7 +16,7 @@ from lr_lightning.strategies import SST, TDLRT, FullRank, InRank, LoRA, ReLoRA, 
 from lr_lightning.tasks import NodeClassificationTask, RiemannianAdamW
 
 TREE = {"tree_nodes": 150, "tree_classes": 3, "tree_features": 6, "tree_signal": 0.5}
-TINY = {"in_features": 6, "num_classes": 3, "hidden_dim": 8, "num_layers": 2}
+TINY = {"in_features": 6, "num_classes": 3, "model_dim": 8, "num_layers": 2}
 
 
 def _trainer(tmp_path, **kw) -> L.Trainer:
@@ -28,7 +28,8 @@ def _on_manifold(task: NodeClassificationTask, data: GraphDataModule) -> float:
     graph = data.graph
     with torch.no_grad():
         points = task.model.embed(graph.x, graph.edge_index, graph.edge_weight)
-    return max(lorentz_residual(points).abs().max().item(), lorentz_residual(task.model.decoder.prototypes).abs().max().item())
+    prototypes = task.model.decoder.prototypes
+    return max(lorentz_residual(points).abs().max().item(), lorentz_residual(prototypes).abs().max().item())
 
 
 STRATEGIES = [

@@ -19,7 +19,7 @@ def validation_loss(strategy) -> float:
     """Byte-level GPT (2 layers, width 64) for ``STEPS`` AdamW steps on 400k characters of Shakespeare."""
     L.seed_everything(0, verbose=False)
     data = TextDataModule(path=str(SHAKESPEARE), seq_len=64, batch_size=16, max_chars=400_000)
-    task = LanguageModelingTask(strategy=strategy, vocab_size=256, block_size=64, n_layer=2, n_head=2, n_embd=64,
+    task = LanguageModelingTask(strategy=strategy, vocab_size=256, block_size=64, n_layer=2, n_head=2, model_dim=64,
                                 warmup_steps=30, optimizer=lambda groups: torch.optim.AdamW(
                                     groups, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1))
     trainer = L.Trainer(accelerator="cpu", max_steps=STEPS, logger=False, enable_checkpointing=False,

@@ -1,4 +1,4 @@
-"""TranslationTask: every strategy converts fairseq2's transformer and trains; BLEU on the generated corpus; beam 1 = greedy."""
+"""TranslationTask: every strategy converts fairseq2's transformer and trains; BLEU on the generated corpus."""
 
 import copy
 import random
@@ -6,14 +6,19 @@ from functools import partial
 
 import lightning as L
 import pytest
-import sacrebleu
 import torch
+from conftest import require_translation_extra
 
-from lr_lightning.data.reordering_corpus import make_lexicon, write_reordering_corpus
-from lr_lightning.data.translation import BOS, EOS, TranslationDataModule
 from lr_lightning.layers.base import LowRankLayer
 from lr_lightning.strategies import SST, TDLRT, FullRank, InRank, LoRA, ReLoRA, SVDTraining
-from lr_lightning.tasks.translation import TranslationTask, layout
+
+require_translation_extra()
+
+import sacrebleu  # noqa: E402
+
+from lr_lightning.data.reordering_corpus import make_lexicon, write_reordering_corpus  # noqa: E402
+from lr_lightning.data.translation import BOS, EOS, TranslationDataModule  # noqa: E402
+from lr_lightning.tasks.translation import TranslationTask, layout  # noqa: E402
 
 TINY = dict(vocab_size=128, model_dim=32, num_layers=1, num_heads=4, ffn_dim=64, dropout=0.0, max_seq_len=64)
 PROJECTIONS = 6 + 10  # one encoder layer (q, k, v, out, ffn in/out) and one decoder layer (+ cross-attention)
