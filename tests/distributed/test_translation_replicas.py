@@ -65,6 +65,10 @@ def test_beam_search_finishes_when_the_processes_decode_unequal_lengths(results,
 def test_fsdp2_trains_and_validates_like_ddp(results):
     ddp = torch.load(results["ddp"][1] / "weights.pt")
     fsdp2 = torch.load(results["fsdp2"][1] / "weights.pt")
-    assert_states_close(fsdp2, ddp, tol=1e-4)
+    # A key bias adds q . b_k to every logit of a query, which softmax ignores: its gradient is rounding noise,
+    # which Adam scales to full steps, so it differs with the reduction order. Everything else must agree.
+    key_biases = [key for key in ddp if key.endswith("k_proj.bias")]
+    assert key_biases
+    assert_states_close(*({k: v for k, v in state.items() if k not in key_biases} for state in (fsdp2, ddp)), tol=1e-4)
     for metric in ("val/loss", "val/nll", "val/bleu"):
         assert results["fsdp2"][0][metric] == pytest.approx(results["ddp"][0][metric], rel=1e-4, abs=1e-4), metric
