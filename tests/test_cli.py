@@ -1,13 +1,17 @@
 """Every shipped config parses and runs; the README's main command trains; bad input fails early."""
 
 import csv
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import translation_extra_error
 
-from lr_lightning.cli import main
+from lr_lightning import cli
+from lr_lightning.checkpoints import read_checkpoint
+from lr_lightning.cli import RESOLVED_CONFIG_HEADER, main
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 MISSING_TRANSLATION = translation_extra_error()
@@ -89,3 +93,174 @@ def test_bad_input_is_one_clear_error_before_training(override, message, tmp_pat
     assert message in str(exit_info.value.code) + capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing half-written
 
+
+
+LORA = Path(__file__).resolve().parents[1] / "configs" / "lm" / "lora.yaml"
+TINY = ["--model.init_args.n_layer", "1", "--model.init_args.model_dim", "16", "--model.init_args.block_size", "16",
+        "--data.init_args.seq_len", "16", "--data.init_args.max_chars", "20000", "--model.strategy.rank", "2",
+        "--trainer.max_steps", "1", "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_failed_run_leaves_the_config_file_it_was_given_as_it_was(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(LORA, "config.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "config.yaml", "--trainer.logger", "false", *TINY,
+              "--model.init_args.vocab_size", "100"])
+    assert str(exit_info.value.code) == ("lr-lightning: error: ValueError: model vocab_size=100 is smaller than the "
+                                         "tokenizer's vocabulary (256): set --model.init_args.vocab_size 256")
+    assert (tmp_path / "config.yaml").read_text() == LORA.read_text()
+    assert _files(tmp_path) == {"config.yaml"}
+
+
+def test_the_resolved_config_goes_next_to_the_checkpoints_and_never_over_a_config_input(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(LORA, "config.yaml")
+    main(["fit", "--config", "config.yaml", "--trainer.logger", "false", *TINY])
+    resolved = (tmp_path / "checkpoints" / "config.yaml").read_text()
+    assert resolved.startswith(RESOLVED_CONFIG_HEADER) and "model_dim: 16" in resolved
+    with pytest.warns(UserWarning, match="not written to .*config.yaml': it is a --config input"):
+        main(["fit", "--config", "config.yaml", "--trainer.logger", "false", "--trainer.enable_checkpointing",
+              "false", *TINY])  # the config would go to default_root_dir: the input itself
+    assert (tmp_path / "config.yaml").read_text() == LORA.read_text()
+
+
+def test_the_resolved_config_goes_to_the_loggers_folder(tmp_path):
+    main(["fit", "--config", str(LORA), "--trainer.default_root_dir", str(tmp_path), *TINY])
+    assert (tmp_path / "lightning_logs" / "version_0" / "config.yaml").read_text().startswith(RESOLVED_CONFIG_HEADER)
+
+
+def test_stage_two_rewrites_the_config_its_stage_one_wrote(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    stages = []
+
+    def stop_once_at_a_shrink(trainer):  # as if stage 1 had stopped after step 1 to shrink
+        stages.append(trainer.ckpt_path)
+        return str(Path(trainer.checkpoint_callback.dirpath) / "epoch=0-step=1.ckpt") if len(stages) == 1 else None
+
+    monkeypatch.setattr(cli, "stage_two_checkpoint", stop_once_at_a_shrink)
+    main(["fit", "--config", str(LORA), "--trainer.logger", "false", *TINY, "--trainer.max_steps", "2",
+          "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_top_k=-1",
+          "--trainer.callbacks.every_n_train_steps=1"])
+    assert stages[0] is None and stages[1].endswith("step=1.ckpt")
+    assert f"ckpt_path: {stages[1]}" in (tmp_path / "checkpoints" / "config.yaml").read_text()
+
+
+def _checkpoint_file(path: Path, **extra: object) -> Path:
+    torch.save({"state_dict": {"weight": torch.arange(50_000, dtype=torch.float32)}, "epoch": 0, **extra}, path)
+    return path
+
+
+def _truncated(path: Path) -> Path:
+    data = _checkpoint_file(path).read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _corrupted(path: Path) -> Path:
+    data = bytearray(_checkpoint_file(path, **{"pytorch-lightning_version": "2.6.6"}).read_bytes())
+    header = data.index(f"{path.stem}/data/0".encode()) - 30  # the zip's local header of the tensor's bytes
+    data[header : header + 4] = bytes(4)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _random_bytes(path: Path) -> Path:
+    path.write_bytes(torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0),
+                                   dtype=torch.uint8).numpy().tobytes())
+    return path
+
+
+def _unsafe(path: Path) -> Path:
+    torch.save({"state_dict": torch.nn.Linear(2, 2)}, path)
+    return path
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda p: p, "FileNotFoundError: checkpoint '{path}' does not exist"),
+    (_truncated, "ValueError: checkpoint '{path}' is truncated or not a PyTorch checkpoint ("),
+    (_corrupted, "ValueError: checkpoint '{path}' is truncated or not a PyTorch checkpoint (RuntimeError: "),
+    (_random_bytes, "ValueError: checkpoint '{path}' is truncated or not a PyTorch checkpoint (unreadable pickle"),
+    (_unsafe, "ValueError: checkpoint '{path}' holds a Python object of type torch.nn.modules.linear.Linear, "
+              "which a safe load refuses"),
+    (_checkpoint_file, "ValueError: checkpoint '{path}' is a PyTorch file but not a Lightning checkpoint"),
+], ids=["missing", "truncated", "corrupted", "random_bytes", "unsafe_pickle", "not_lightning"])
+def test_bad_ckpt_path_is_one_line_naming_the_file_before_anything_runs(make, message, tmp_path, monkeypatch,
+                                                                        capsys):
+    monkeypatch.chdir(tmp_path)
+    path = make(tmp_path / "last.ckpt")
+    before = _files(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(LORA), *TINY, "--ckpt_path", str(path)])
+    line = str(exit_info.value.code)
+    assert line.startswith("lr-lightning: error: " + message.format(path=path)) and "\n" not in line
+    assert "weights_only=False" not in line + capsys.readouterr().err
+    assert _files(tmp_path) == before
+
+
+def test_read_checkpoint_reads_a_good_file_and_names_a_bad_one(tmp_path):
+    good = _checkpoint_file(tmp_path / "good.ckpt")
+    for mmap in (False, True):
+        assert read_checkpoint(good, mmap=mmap)["epoch"] == 0
+    with pytest.raises(ValueError, match=r"checkpoint '.*bad\.ckpt' is truncated or not a PyTorch checkpoint"):
+        read_checkpoint(_truncated(tmp_path / "bad.ckpt"), mmap=True)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"checkpoint folder '.*folder' holds no meta\.pt"):
+        read_checkpoint(tmp_path / "folder")
+
+
+def _binary_corpus(folder: Path) -> list[str]:
+    (folder / "corpus.bin").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(128, 256)))
+    return ["--data.init_args.path", str(folder / "corpus.bin")]
+
+
+def _empty_corpus(folder: Path) -> list[str]:
+    (folder / "empty.txt").write_text("")
+    return ["--data.init_args.path", str(folder / "empty.txt")]
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    (lambda _: ["--model.init_args.vocab_size", "100"],
+     "ValueError: model vocab_size=100 is smaller than the tokenizer's vocabulary (256)"),
+    (lambda _: ["--data.init_args.seq_len", "32"], "ValueError: data seq_len=32 exceeds the model's block_size=16"),
+    (_binary_corpus, "ValueError: '{folder}/corpus.bin' is not UTF-8 text (byte 0, line 1: invalid start byte)"),
+    (_empty_corpus, "ValueError: the train split has 0 tokens, fewer than seq_len + 1 = 17"),
+], ids=["vocab_size", "seq_len", "binary_corpus", "empty_corpus"])
+def test_setup_error_is_one_line_and_leaves_no_log_folder(override, message, tmp_path, capsys):
+    data, logs = tmp_path / "data", tmp_path / "logs"
+    data.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(LORA), "--trainer.default_root_dir", str(logs), *TINY, *override(data)])
+    line = str(exit_info.value.code)
+    assert line.startswith("lr-lightning: error: " + message.format(folder=data)) and "\n" not in line
+    assert "Traceback" not in capsys.readouterr().err
+    assert not logs.exists()
+
+
+def test_resuming_with_another_strategy_is_one_line_and_leaves_no_new_log_folder(tmp_path):
+    main(["fit", "--config", str(LORA), "--trainer.default_root_dir", str(tmp_path), *TINY])
+    checkpoint = next(tmp_path.rglob("*.ckpt"))
+    before = _files(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(LORA), "--trainer.default_root_dir", str(tmp_path), *TINY,
+              "--trainer.max_steps", "2", "--model.strategy", "ReLoRA", "--ckpt_path", str(checkpoint)])
+    assert str(exit_info.value.code).startswith("lr-lightning: error: ValueError: the checkpoint was trained with "
+                                                "lr_lightning.strategies.lora.LoRA")
+    assert _files(tmp_path) == before and not (tmp_path / "lightning_logs" / "version_1").exists()
+
+
+def test_an_error_raised_in_training_keeps_its_traceback(tmp_path, monkeypatch):
+    from lr_lightning.tasks import LanguageModelingTask
+
+    def training_step(self, batch, batch_idx):
+        raise ValueError("a bug in training_step")
+
+    monkeypatch.setattr(LanguageModelingTask, "training_step", training_step)
+    with pytest.raises(ValueError, match="a bug in training_step"):
+        main(["fit", "--config", str(LORA), "--trainer.default_root_dir", str(tmp_path), *TINY,
+              "--trainer.num_sanity_val_steps", "0"])

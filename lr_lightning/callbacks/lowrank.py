@@ -16,6 +16,8 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lr_lightning.checkpoints import read_checkpoint
+from lr_lightning.layers.tensors import local_tensor
 from lr_lightning.optim import RoleOptimizer, StateEdit, wrap_innermost
 from lr_lightning.strategies.base import LowRankStrategy
 
@@ -27,6 +29,10 @@ CAPACITY_KEY = "lowrank_capacities"
 
 UNDECAYED_ROLES = frozenset({"basis", "spectrum"})
 """Roles stepped without weight decay in any optimizer: a method's bases and spectra (biases keep the user's choice)."""
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss or low-rank layer; raised before any operation runs on it."""
 
 
 class LowRankCallback(L.Callback):
@@ -49,6 +55,10 @@ class LowRankCallback(L.Callback):
       changed is logged, so a reset that resets nothing shows), and the converted layers are broadcast
       from process 0 afterwards so replicas cannot drift. ``strategy.metrics`` (ranks, regularizer
       values) is logged after each operation and every ``log_every_n_steps`` optimizer steps.
+    - Divergence stops training: after every optimizer step the loss must be finite (unless a
+      ``GradScaler`` is there to skip such steps), and before any operation the converted layers must be,
+      else :class:`DivergenceError` is raised on every process, so a merge, a re-SVD or a prune never
+      spreads a NaN into the weights.
 
     Args:
         strategy: The low-rank method to apply.
@@ -61,6 +71,8 @@ class LowRankCallback(L.Callback):
         self.strategy = strategy
         self.verbose = verbose
         self.last_step = 0
+        self.epochs_ended: int | None = 0
+        """Training epochs whose end-of-epoch operations have run (``None``: unknown, from an older checkpoint)."""
         self.stage_two_checkpoint: str | None = None
         self.role_optimizers: list[RoleOptimizer] = []
 
@@ -75,6 +87,7 @@ class LowRankCallback(L.Callback):
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Check the optimizers, then make them step as the strategy's contract says (see the class docstring)."""
+        self.strategy.check_run(trainer.accumulate_grad_batches, str(trainer.precision))
         self._check_optimizers(trainer, pl_module)
         self.role_optimizers = []
         trainer.optimizers = [self.keep_contract(optimizer, trainer, pl_module) for optimizer in trainer.optimizers]
@@ -98,6 +111,15 @@ class LowRankCallback(L.Callback):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Replay the end-of-epoch operations a resumed checkpoint missed, then log.
+
+        A checkpoint saved on an epoch's last batch (``ModelCheckpoint(every_n_train_steps=...)``) comes
+        before that epoch's ``on_train_epoch_end``, and the resumed run starts in the next epoch.
+        """
+        if self.epochs_ended is None:
+            self.epochs_ended = trainer.current_epoch
+        for epoch in range(self.epochs_ended, trainer.current_epoch):
+            self._end_epoch(trainer, pl_module, epoch)
         self._log(trainer, pl_module)
 
     @override
@@ -114,16 +136,42 @@ class LowRankCallback(L.Callback):
         if step <= self.last_step:
             return
         self.last_step = step
+        operations = self.strategy.should_update(step)
+        self._check_finite(trainer, pl_module, outputs, operations)
         self.strategy.after_optimizer_step(pl_module, step)
-        if operations := self.strategy.should_update(step):
+        if operations:
             self._run(trainer, pl_module, operations)
         elif step % trainer.log_every_n_steps == 0:
             self._log(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if operations := self.strategy.should_update_at_epoch_end(trainer.current_epoch):
+        self._end_epoch(trainer, pl_module, trainer.current_epoch)
+
+    def _end_epoch(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
+        if operations := self.strategy.should_update_at_epoch_end(epoch):
+            self._check_finite(trainer, pl_module, None, operations)
             self._run(trainer, pl_module, operations)
+        self.epochs_ended = epoch + 1
+
+    def _check_finite(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                      operations: list[str]) -> None:
+        """Raise :class:`DivergenceError` on every process if the step's loss (without a ``GradScaler``) or, when
+        ``operations`` are due, a converted layer is non-finite on any process."""
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        loss = loss if torch.is_tensor(loss) and trainer.scaler is None else None
+        layers = self.strategy.layers(pl_module) if operations else []
+        flags = [torch.isfinite(loss.detach()).all() if loss is not None else torch.tensor(True)]
+        flags += [all_finite(layer) for _, layer in layers]
+        finite = all_processes(torch.stack([f.to(pl_module.device) for f in flags])).tolist()
+        if all(finite):
+            return
+        names = ["the loss", *(name for name, _ in layers)]
+        bad = ", ".join(name for name, ok in zip(names, finite) if not ok)
+        due = f"{type(self.strategy).__name__}'s {', '.join(operations)}" if operations else "any operation"
+        raise DivergenceError(f"training diverged: {bad} not finite after optimizer step {trainer.global_step}; "
+                              f"stopped before {due} could spread it into the weights. Lower the learning rate "
+                              "or clip gradients (Trainer(gradient_clip_val=1.0)).")
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, operations: list[str]) -> None:
         """Run the operations, apply their optimizer-state edits, re-sync the layers from process 0, shrink, log."""
@@ -163,11 +211,12 @@ class LowRankCallback(L.Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self.last_step, "strategy": self.strategy.state_dict()}
+        return {"last_step": self.last_step, "epochs_ended": self.epochs_ended, "strategy": self.strategy.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_step = state_dict["last_step"]
+        self.epochs_ended = state_dict.get("epochs_ended")
         self.strategy.load_state_dict(state_dict["strategy"])
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, extra: dict[str, float] | None = None) -> None:
@@ -230,8 +279,7 @@ def saved_capacities(checkpoint_path: str | Path) -> dict[str, int]:
     path = path / _METADATA_FILENAME if path.is_dir() else path
     if not path.is_file():
         return {}
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    return dict(checkpoint.get(CAPACITY_KEY, {}))
+    return dict(read_checkpoint(path, mmap=True).get(CAPACITY_KEY, {}))
 
 
 def match_capacities_(strategy: LowRankStrategy, model: nn.Module, capacities: dict[str, int]) -> None:
@@ -278,6 +326,22 @@ def apply_edits_(optimizers: list[Any], edits: list[StateEdit]) -> tuple[int, in
             c, s = edit.apply_(optimizer)
             changed, seen = changed + c, seen + s
     return changed, seen
+
+
+@torch.no_grad()
+def all_finite(layer: nn.Module) -> torch.Tensor:
+    """Whether every parameter and buffer of ``layer`` (this process's shard) is finite, as a 0-d bool tensor."""
+    tensors = [local_tensor(t) for t in [*layer.parameters(), *layer.buffers()] if t.is_floating_point()]
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all() if tensors else torch.tensor(True)
+
+
+def all_processes(flags: torch.Tensor) -> torch.Tensor:
+    """``flags`` (bool) and-ed over every process of the process group (``flags`` itself outside one)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return flags
+    values = flags.to(torch.int32)
+    dist.all_reduce(values, op=dist.ReduceOp.MIN)
+    return values.bool()
 
 
 @torch.no_grad()

@@ -25,10 +25,11 @@ import hashlib
 import os
 import pickle
 import shutil
+import zipfile
 from collections import deque
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -37,6 +38,8 @@ from torch.utils.data import DataLoader
 from torch_geometric.nn.conv.gcn_conv import gcn_norm
 from torch_geometric.utils import to_undirected
 from typing_extensions import override
+
+from lr_lightning.data.files import read_text, unreadable_error
 
 DATASETS: tuple[str, ...] = ("tree", "cora", "citeseer", "pubmed", "airport", "disease")
 PLANETOID_NAMES = {"cora": "Cora", "citeseer": "CiteSeer", "pubmed": "PubMed"}
@@ -178,19 +181,32 @@ def read_airport(root: Path, split_seed: int) -> GraphSource:
                        tuple(torch.tensor(ids, dtype=torch.long) for ids in (train, val, test)))
 
 
+def load_array(path: Path) -> Any:
+    """A ``.npy`` array or a scipy-sparse ``.npz`` matrix; a damaged file is a one-line ``ValueError`` naming it."""
+    try:
+        if path.suffix == ".npz":
+            import scipy.sparse
+
+            return scipy.sparse.load_npz(path)
+        return np.load(path)
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, pickle.UnpicklingError) as error:
+        if "pickled" in str(error):  # NumPy's advice, to unpickle a file of unknown origin, is not ours to give
+            error = ValueError("it is no NumPy array file, and loading it would mean unpickling it")
+        failure = unreadable_error(path, path.suffix, error)
+    raise failure
+
+
 def read_disease(root: Path, features: Features, split_seed: int) -> GraphSource:
     """HGCN's Disease (node classification): an SIR-infection tree of 1,044 nodes, 2 classes."""
     folder = root / "disease_nc"
     names: dict[str, int] = {}
     pairs = []
-    for line in (folder / "disease_nc.edges.csv").read_text().split():
+    for line in read_text(folder / "disease_nc.edges.csv").split():
         a, b = line.split(",")
         pairs.append((names.setdefault(a, len(names)), names.setdefault(b, len(names))))
-    labels = np.load(folder / "disease_nc.labels.npy")
+    labels = load_array(folder / "disease_nc.labels.npy")
     if features == "file":
-        import scipy.sparse
-
-        x = torch.tensor(scipy.sparse.load_npz(folder / "disease_nc.feats.npz").toarray(), dtype=torch.float32)
+        x = torch.tensor(load_array(folder / "disease_nc.feats.npz").toarray(), dtype=torch.float32)
     else:
         x = torch.eye(len(names))
     edge_index = to_undirected(torch.tensor(pairs, dtype=torch.long).T, num_nodes=len(names))

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 from typing_extensions import override
 
+from lr_lightning.data.files import read_text
 from lr_lightning.data.tokenizers import (
     BYTE_VOCAB_SIZE,
     DEFAULT_CACHE_DIR,
@@ -74,8 +75,8 @@ def load_splits(path: str | None, val_fraction: float) -> dict[str, str]:
     source = Path(path).expanduser()
     files = find_split_files(source)
     if files is None:
-        return split_by_position(source.read_text(encoding="utf-8"), val_fraction)
-    return {split: file.read_text(encoding="utf-8") for split, file in files.items()}
+        return split_by_position(read_text(source), val_fraction)
+    return {split: read_text(file) for split, file in files.items()}
 
 
 def encode_text(tokenizer: Tokenizer, text: str, desc: str = "tokenizing") -> torch.Tensor:

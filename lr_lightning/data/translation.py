@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 from typing_extensions import override
 
+from lr_lightning.data.files import GZIP_ERRORS, bad_gzip_error, not_text_error
 from lr_lightning.data.reordering_corpus import write_reordering_corpus
 
 SPLIT_NAMES = {"train": ("train",), "valid": ("valid", "val", "dev"), "test": ("test", "test_2016_flickr")}
@@ -58,10 +59,17 @@ def find_pair_files(folder: Path, split: str, source_lang: str, target_lang: str
 
 
 def read_lines(path: Path) -> list[str]:
-    """Lines of a UTF-8 text file, gzipped or not, without their line endings."""
+    """Lines of a UTF-8 text file, gzipped or not, without their line endings; a binary or damaged file is a
+    one-line ``ValueError`` naming it."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        return [line.rstrip("\r\n") for line in handle]
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            return [line.rstrip("\r\n") for line in handle]
+    except UnicodeDecodeError:
+        error = not_text_error(path)
+    except GZIP_ERRORS as gzip_error:
+        error = bad_gzip_error(path, gzip_error)
+    raise error
 
 
 def read_parallel(source: Path, target: Path) -> list[Pair]:

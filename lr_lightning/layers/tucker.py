@@ -36,7 +36,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # ------------------------------------------------------------------------------------------ tensor algebra
 def mode_product(tensor: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.Tensor:
-    """``tensor x_mode matrix``: mode ``mode`` (size ``k``) is replaced by ``matrix @ (.)`` (``matrix``: ``j x k``)."""
+    """``tensor x_mode matrix``: mode ``mode`` (size ``k``) is replaced by ``matrix @ (.)`` (``matrix``: ``j x k``).
+
+    Mixed dtypes are promoted first, as a matmul would take them: under autocast a product comes out in the
+    autocast dtype (``tensordot`` runs a matmul) while the next factor is still a float32 parameter, and
+    ``tensordot`` itself accepts one dtype only. Under autocast the product then runs in the autocast dtype.
+    """
+    if tensor.dtype != matrix.dtype:
+        dtype = torch.promote_types(tensor.dtype, matrix.dtype)
+        tensor, matrix = tensor.to(dtype), matrix.to(dtype)
     return torch.movedim(torch.tensordot(matrix, tensor, dims=([1], [mode])), 0, mode)
 
 
@@ -143,17 +151,29 @@ class _KStep:
 
 
 class _BackwardOnly(torch.autograd.Function):
-    """``y`` in value, the backward of ``y + A h - (A h).detach()``: ``g`` to ``y``, ``A^T g = adjoint(g)`` to ``h``."""
+    """``y`` in value, the backward of ``y + A h - (A h).detach()``: ``g`` to ``y``, ``A^T g = adjoint(g)`` to ``h``.
+
+    The backward runs ``adjoint`` under the autocast state of the forward, as autograd runs the backward of
+    an autocast op: under ``bf16-mixed`` ``g`` is bfloat16 and ``A`` a float32 basis, and ``A^T g`` is the
+    bfloat16 product that ``A h`` itself would have differentiated to.
+    """
 
     @staticmethod
     def forward(ctx: Any, y: torch.Tensor, h: torch.Tensor,
                 adjoint: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        ctx.adjoint = adjoint
+        ctx.adjoint, device_type = adjoint, y.device.type
+        ctx.autocast = None
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            ctx.autocast = (device_type, torch.get_autocast_dtype(device_type))
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        return grad, ctx.adjoint(grad), None
+        if ctx.autocast is None:
+            return grad, ctx.adjoint(grad), None
+        device_type, dtype = ctx.autocast
+        with torch.autocast(device_type, dtype=dtype):
+            return grad, ctx.adjoint(grad), None
 
 
 def with_zero_gradient(out: torch.Tensor, unused: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -29,6 +29,21 @@ from lr_lightning.optim import StateEdit
 HEAD_NAMES = ("lm_head", "head", "output_projection", "classifier")
 """Leaf names treated as the output head, which ``target_modules=None`` leaves dense."""
 
+WEIGHT_READERS: dict[type[nn.Module], tuple[tuple[str, ...], str]] = {
+    nn.MultiheadAttention: (
+        ("out_proj",),
+        "nn.MultiheadAttention passes out_proj.weight to its functional attention and never calls out_proj.forward"),
+    nn.TransformerEncoderLayer: (
+        ("linear1", "linear2"),
+        "nn.TransformerEncoderLayer's eval fast path passes linear1.weight and linear2.weight to "
+        "torch._transformer_encoder_layer_fwd instead of calling their forward"),
+}
+"""Modules (and their subclasses) that read some children's ``.weight`` directly instead of calling them: the
+children's names, and why. A factorized layer there would be bypassed (LoRA's factors would never train, eval would
+differ from train) or crash (no ``weight``), so selection leaves those children dense. Add an entry for another
+module that does so. ``nn.TransformerDecoderLayer`` calls ``linear1``/``linear2`` through forward; its attentions'
+``out_proj`` are covered by the ``nn.MultiheadAttention`` entry."""
+
 DECAY_ROLES = frozenset({"dense", "factor", "base", "core"})
 """Parameter roles that receive weight decay; the rest (bias, frozen, basis, spectrum) get none."""
 
@@ -168,6 +183,10 @@ class LowRankStrategy:
 
     - ``convert(name, module, index)``: the layer that replaces a selected module (``module_types``
       and ``handles`` say which modules can be selected).
+    - ``layer_types``: the :class:`~lr_lightning.layers.base.LowRankLayer` classes ``convert`` returns. A layer of
+      another class found in the model was built by another strategy, and :meth:`select` refuses it (two methods on
+      one model would train and report each other's layers); strategies producing the same class (LoRA and ReLoRA:
+      ``LoRALinear``) may be applied over each other, and the layers keep how they were built.
     - One method per operation, ``op(model, step) -> list[StateEdit]`` (the optimizer-state resets or
       transports the operation calls for), listed with its period in :meth:`operations`, and the
       schedule: :meth:`should_update` (after optimizer steps) and/or :meth:`should_update_at_epoch_end`
@@ -185,12 +204,21 @@ class LowRankStrategy:
     Args:
         target_modules: Glob patterns on qualified module names (``"*.attn.*"``). ``None`` selects
             every convertible module except the output head (a layer named one of ``HEAD_NAMES`` or
-            whose weight is tied to an embedding). Each pattern must match at least one module.
+            whose weight is tied to an embedding) and the layers whose parent reads their ``.weight``
+            directly (``WEIGHT_READERS``: ``nn.MultiheadAttention.out_proj``, ``nn.TransformerEncoderLayer``'s
+            ``linear1``/``linear2``), which it leaves dense with one warning naming them. Each pattern must
+            match at least one module; selecting a weight-read layer or a layer tied to an embedding this
+            way is an error (exclude it).
         exclude_modules: Glob patterns of modules never converted.
     """
 
     module_types: tuple[type[nn.Module], ...] = (nn.Linear,)
     """Module classes this strategy converts (each must have a 2-D ``weight``)."""
+
+    layer_types: tuple[type[LowRankLayer], ...] = (LowRankLayer,)
+    """The :class:`~lr_lightning.layers.base.LowRankLayer` classes ``convert`` produces (none: a strategy that
+    converts nothing, such as ``FullRank``); any other ``LowRankLayer`` in the model is foreign to it. The
+    default accepts every layer: a new method declares its own to have another method's layers refused."""
 
     init_args: dict[str, Any]
     """The constructor's arguments, defaults included (recorded by the outermost ``__init__``)."""
@@ -219,10 +247,20 @@ class LowRankStrategy:
         return isinstance(module, self.module_types) and torch.is_tensor(weight) and weight.dim() == 2
 
     def select(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        """The ``(name, module)`` pairs to convert, or already converted, in registration order."""
+        """The ``(name, module)`` pairs to convert, or already converted, in registration order.
+
+        Raises a ``ValueError``, before anything changes, for a layer converted by another strategy
+        (not one of :attr:`layer_types`), and for an explicitly targeted layer that cannot be served:
+        one whose parent reads its ``.weight`` directly (``WEIGHT_READERS``) or whose weight is tied to
+        an ``nn.Embedding``. ``target_modules=None`` leaves those dense instead.
+        """
         candidates = self._candidates(model)
+        for name, module in candidates:
+            if isinstance(module, LowRankLayer) and not isinstance(module, self.layer_types):
+                raise ValueError(self._foreign_layer_message(name, module))
+        embeddings = self._embedding_weights(model)
         if self.target_modules is None:
-            selected = [(n, m) for n, m in candidates if not self._is_head(model, n, m)]
+            selected = [(n, m) for n, m in candidates if not self._is_head(model, n, m, embeddings)]
         else:
             names = [n for n, _ in candidates]
             for pattern in self.target_modules:
@@ -235,9 +273,31 @@ class LowRankStrategy:
                 warnings.warn(f"exclude_modules pattern '{pattern}' matched no selected module", stacklevel=2)
         selected = [(n, m) for n, m in selected
                     if not any(fnmatch.fnmatchcase(n, p) for p in self.exclude_modules or [])]
+        readers = self._weight_read(model)
+        if self.target_modules is not None:
+            for name, module in selected:
+                if name in readers:
+                    raise ValueError(f"{type(self).__name__} cannot convert '{name}': {readers[name]}, so a "
+                                     f"factorized layer there would be bypassed; leave it dense (drop it from "
+                                     f"target_modules or add it to exclude_modules)")
+                tied = embeddings.get(id(getattr(module, "weight", None)))
+                if tied is not None:
+                    raise ValueError(f"{type(self).__name__} cannot convert '{name}': its weight is tied to the "
+                                     f"nn.Embedding '{tied}', and a factorized layer would break the tie; leave it "
+                                     f"dense (drop it from target_modules or add it to exclude_modules)")
+        elif dense := [n for n, _ in selected if n in readers]:
+            by_reason: dict[str, list[str]] = {}
+            for name in dense:
+                by_reason.setdefault(readers[name], []).append(f"'{name}'")
+            warnings.warn(f"{type(self).__name__} leaves {len(dense)} layers dense because their parent reads "
+                          f"their .weight directly instead of calling them: "
+                          + "; ".join(f"{', '.join(names)} ({reason})" for reason, names in by_reason.items()),
+                          stacklevel=2)
+            selected = [(n, m) for n, m in selected if n not in readers]
         if not selected:
             raise ValueError(f"{type(self).__name__} selected no module to convert: every candidate was "
-                             f"excluded (exclude_modules={self.exclude_modules})")
+                             f"excluded (exclude_modules={self.exclude_modules}) or is read directly by its "
+                             f"parent (see WEIGHT_READERS)")
         return selected
 
     def apply(self, model: nn.Module) -> nn.Module:
@@ -272,9 +332,32 @@ class LowRankStrategy:
         return found
 
     @staticmethod
-    def _is_head(model: nn.Module, name: str, module: nn.Module) -> bool:
-        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    def _embedding_weights(model: nn.Module) -> dict[int, str]:
+        """``id`` of every ``nn.Embedding``'s weight in ``model``, and the embedding's name."""
+        return {id(m.weight): n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+
+    @staticmethod
+    def _is_head(model: nn.Module, name: str, module: nn.Module, embeddings: dict[int, str] | None = None) -> bool:
+        if embeddings is None:
+            embeddings = LowRankStrategy._embedding_weights(model)
         return name.rpartition(".")[2] in HEAD_NAMES or id(getattr(module, "weight", None)) in embeddings
+
+    @staticmethod
+    def _weight_read(model: nn.Module) -> dict[str, str]:
+        """The qualified names of the children whose parent reads their ``.weight`` directly, and why."""
+        found = {}
+        for name, module in model.named_modules():
+            for cls, (children, reason) in WEIGHT_READERS.items():
+                if isinstance(module, cls):
+                    found.update({f"{name}.{child}" if name else child: reason for child in children})
+        return found
+
+    def _foreign_layer_message(self, name: str, layer: LowRankLayer) -> str:
+        own = ", ".join(t.__name__ for t in self.layer_types)
+        produces = f"produces only {own}" if own else "converts nothing"
+        return (f"'{name}' is a {type(layer).__name__}, converted by another strategy; {type(self).__name__} "
+                f"{produces} (layer_types), so it would train and report that layer as its own: apply one "
+                f"strategy per model, starting from the dense model")
 
     def _no_match_message(self, model: nn.Module, pattern: str, names: list[str]) -> str:
         close = difflib.get_close_matches(pattern.replace("*", ""), names, n=5, cutoff=0.3) or names[:5]
@@ -337,6 +420,10 @@ class LowRankStrategy:
         """The optimizer a task should step: ``optimizer`` itself unless the method needs several passes
         per step (TDLRT's faithful integrator wraps it)."""
         return optimizer
+
+    def check_run(self, accumulate_grad_batches: int, precision: str) -> None:
+        """Raise a ``ValueError`` naming the setting if the method cannot train with these trainer settings
+        (``LowRankCallback`` asks at fit start, before any step)."""
 
     def lr_multiplier(self, step: int, role: str) -> float:
         """Factor on the learning rate of ``role`` parameters after ``step`` optimizer steps. When a method

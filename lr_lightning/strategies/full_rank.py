@@ -11,6 +11,9 @@ from lr_lightning.strategies.base import LowRankStrategy
 class FullRank(LowRankStrategy):
     """Dense training; the selected layers are reported at rank ``min(m, n)`` and left unchanged."""
 
+    layer_types = ()
+    """None: any factorized layer in the model was converted by another strategy, and ``select`` refuses it."""
+
     @override
     def convert(self, name: str, module: nn.Module, index: int) -> nn.Module:
         return module

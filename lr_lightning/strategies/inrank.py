@@ -95,6 +95,7 @@ class InRank(LowRankStrategy):
         exclude_modules: See :class:`LowRankStrategy`.
     """
 
+    layer_types = (IncrementalLinear,)
     switched = RunState(False)
     """Whether the ranks are fixed (InRank-Efficient's second stage)."""
 

@@ -21,6 +21,8 @@ class LoRA(LowRankStrategy):
         exclude_modules: See :class:`LowRankStrategy`.
     """
 
+    layer_types = (LoRALinear,)
+
     def __init__(
         self,
         rank: int | float = 0.25,

@@ -23,6 +23,8 @@ class ReLoRA(LoRA):
     gradient is discarded before every step, so the optimizer skips it. Its ``requires_grad`` never
     flips, so DDP's buckets stay valid; the gradient is still computed and reduced.
     SST's ReLoRA* is ``reset="full", warm_start_steps=0`` with ``merge_every`` equal to SST's interval.
+    It produces LoRA's layers (``layer_types``), so it may be applied over a model :class:`LoRA` converted (and the
+    other way round): the layers keep how they were built, so a warm start over LoRA's frozen ``W0`` trains no ``W0``.
 
     Args:
         rank: ``r`` as an int, or a float fraction of ``min(m, n)`` per layer.

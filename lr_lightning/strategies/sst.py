@@ -39,6 +39,8 @@ class SST(LowRankStrategy):
         exclude_modules: See :class:`LowRankStrategy`.
     """
 
+    layer_types = (SpectralLinear,)
+
     def __init__(
         self,
         rank: int | float = 0.125,

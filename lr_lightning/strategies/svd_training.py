@@ -89,6 +89,7 @@ class SVDTraining(LowRankStrategy):
     """
 
     module_types = (*LowRankStrategy.module_types, nn.Conv2d)
+    layer_types = (SVDLayer,)
     stage = RunState("train")
     """``train``, ``sparsify`` or ``finetune`` (see the schedule above)."""
 

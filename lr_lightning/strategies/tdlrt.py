@@ -71,6 +71,7 @@ class TDLRT(LowRankStrategy):
     """
 
     module_types = (nn.Linear, nn.Conv2d)
+    layer_types = (TuckerLayer,)
 
     def __init__(
         self,
@@ -213,6 +214,24 @@ class TDLRT(LowRankStrategy):
         return groups if self.variant == "faithful" else [g for g in groups if g["lowrank_role"] != "basis"]
 
     @override
+    def check_run(self, accumulate_grad_batches: int, precision: str) -> None:
+        """The faithful variant needs ``accumulate_grad_batches=1``: each integrator step evaluates the loss twice
+        on one batch (K pass, then Galerkin pass at the augmented bases), so gradients accumulated over earlier
+        micro-batches at the old bases cannot enter it (only the last micro-batch's would reach the other
+        parameters). It refuses ``16-mixed`` too: its ``GradScaler`` steps without a closure. The cheap variant
+        takes both (its augmentation uses the accumulated basis gradients, as the large batch's)."""
+        if self.variant != "faithful":
+            return
+        if accumulate_grad_batches != 1:
+            raise ValueError("TDLRT(variant='faithful') needs accumulate_grad_batches=1 (each step evaluates the "
+                             f"loss twice on one batch), got accumulate_grad_batches={accumulate_grad_batches}: "
+                             "raise the batch size instead, or use variant='cheap'")
+        if precision == "16-mixed":
+            raise ValueError("TDLRT(variant='faithful') cannot train with precision='16-mixed' (its GradScaler steps "
+                             "without the closure the integrator evaluates twice): use precision='bf16-mixed' or "
+                             "'32-true'")
+
+    @override
     def wrap_optimizer(self, optimizer: Optimizer, model: nn.Module) -> Optimizer:
         """The faithful variant's :class:`BUGOptimizer` around ``optimizer`` (once); ``optimizer`` itself if cheap."""
         if self.variant == "cheap" or isinstance(optimizer, BUGOptimizer):
@@ -245,7 +264,8 @@ class BUGOptimizer(OptimizerWrapper):
     non-zero ``m``. ``optimizer`` keeps its parameter groups and state (:class:`OptimizerWrapper`).
     :class:`~lr_lightning.callbacks.LowRankCallback` installs this wrapper at fit start. The closure
     must zero the gradients and run backward, as Lightning's automatic optimization does (with
-    ``accumulate_grad_batches=1``); a closure-less step (fp16 ``GradScaler``) is an error, except at
+    ``accumulate_grad_batches=1``, which :meth:`TDLRT.check_run` requires at fit start; ``bf16-mixed`` works);
+    a closure-less step (fp16 ``GradScaler``, also refused at fit start) is an error, except at
     learning rate 0, which only creates the optimizer's state (``torch.distributed.checkpoint`` does
     that when an FSDP2 run resumes). Each pass differentiates only what it steps (the K pass never
     touches the cores, the Galerkin pass holds the bases constant); the other parameters take part

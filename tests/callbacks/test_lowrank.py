@@ -9,9 +9,10 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lr_lightning.callbacks import LowRankCallback, RankMonitor
+from lr_lightning.callbacks.lowrank import DivergenceError
 from lr_lightning.layers import LoRALinear, SpectralLinear
 from lr_lightning.optim import RoleOptimizer
-from lr_lightning.strategies import SST, LoRA, ReLoRA, SVDTraining
+from lr_lightning.strategies import SST, InRank, LoRA, ReLoRA, SVDTraining
 
 
 class PlainModule(L.LightningModule):
@@ -181,3 +182,83 @@ def test_rank_monitor_records_and_plots(tmp_path):
     assert set(monitor.history) == {"net.body.0", "net.body.2"}
     assert monitor.history["net.body.0"] == [(0, 3), (2, 3), (4, 3)]
     assert plot.stat().st_size > 1000 and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+class SaveAfterBatch(L.Callback):
+    """Saves a checkpoint in ``on_train_batch_end`` after optimizer step ``step``, as
+    ``ModelCheckpoint(every_n_train_steps)`` does: on an epoch's last batch that is before ``on_train_epoch_end``."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+def _epoch_strategies():
+    return [
+        pytest.param(lambda: InRank(init_rank=2, buffer=2, max_rank=8, warmup_steps=0, check_every=1,
+                                    switch_epoch=0), "switched", id="inrank-switch_epoch"),
+        pytest.param(lambda: SVDTraining(sparsify_at=1, prune_at=2, unit="epoch", energy=0.3, sparsity_weight=0.5),
+                     "stage", id="svd-unit-epoch"),
+    ]
+
+
+@pytest.mark.parametrize(("make_strategy", "state"), _epoch_strategies())
+@pytest.mark.parametrize("stop_at", [4, 8])  # the last batch of epoch 0, of epoch 1
+def test_resume_from_an_epochs_last_batch_replays_its_epoch_end_operations(make_strategy, state, stop_at, tmp_path):
+    def fit(max_steps, ckpt_path=None, callbacks=()):
+        torch.manual_seed(0)
+        module, strategy = PlainModule(), make_strategy()
+        trainer = _trainer([LowRankCallback(strategy, verbose=False), *callbacks], max_steps=max_steps, max_epochs=-1,
+                           default_root_dir=tmp_path)
+        trainer.fit(module, _loader(16), ckpt_path=ckpt_path)  # 4 batches per epoch
+        return module, strategy
+
+    straight, straight_strategy = fit(12)
+    fit(stop_at, callbacks=[SaveAfterBatch(stop_at, tmp_path / "last-batch.ckpt")])
+    resumed, resumed_strategy = fit(12, ckpt_path=str(tmp_path / "last-batch.ckpt"))
+    assert getattr(resumed_strategy, state) == getattr(straight_strategy, state)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+
+
+class DivergingModule(PlainModule):
+    """A user's module whose loss turns NaN at optimizer step ``nan_at`` (as with a learning rate of 10)."""
+
+    def __init__(self, nan_at: int) -> None:
+        super().__init__()
+        self.nan_at = nan_at
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step + 1 >= self.nan_at else loss
+
+
+@pytest.mark.parametrize(("make_strategy", "state"), [
+    pytest.param(lambda: ReLoRA(rank=4, merge_every=4, restart_warmup_steps=1), {"merges": 0}, id="relora-merge"),
+    pytest.param(lambda: SVDTraining(sparsify_at=1, prune_at=4, energy=0.3), {"stage": "sparsify"}, id="svd-prune"),
+])
+def test_a_non_finite_loss_stops_training_before_an_operation_spreads_it(make_strategy, state):
+    torch.manual_seed(0)
+    module, strategy = DivergingModule(nan_at=4), make_strategy()
+    with pytest.raises(DivergenceError, match="the loss.* not finite after optimizer step 4; stopped before"):
+        _trainer([LowRankCallback(strategy, verbose=False)], max_steps=8).fit(module, _loader(64))
+    assert strategy.state_dict() == state  # the merge, the prune due at step 4 never ran
+    if isinstance(strategy, ReLoRA):
+        assert module.net.body[0].weight.isfinite().all()  # W0 never received the NaN factors
+
+
+def test_a_non_finite_layer_is_never_operated_on():
+    torch.manual_seed(0)
+    strategy = SST(rank=4, iteration_interval=2, restart_warmup_steps=1)
+
+    class Poison(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 2:  # after the step's loss, before the callback's check
+                with torch.no_grad():
+                    pl_module.net.body[2].s[0] = float("inf")  # the step's loss was finite; a layer is not
+
+    with pytest.raises(DivergenceError, match="diverged: net.body.2 not finite after optimizer step 2; stopped before"):
+        _trainer([Poison(), LowRankCallback(strategy, verbose=False)], max_steps=4).fit(PlainModule(), _loader(64))

@@ -1,6 +1,8 @@
 """Graph data: Cora from the shared raw files with the public split, clear errors for missing files, HGCN's
 Airport/Disease loaders and their (leaky) paper split vs the clean stratified split, the generated tree."""
 
+import shutil
+
 import pytest
 import torch
 from conftest import SHARED_DATA
@@ -121,3 +123,17 @@ def test_generated_tree_is_a_tree_with_labels_inherited_from_the_root_subtrees()
 def test_bad_arguments_are_clear_errors(kwargs, error, message):
     with pytest.raises(error, match=message):
         GraphDataModule(**kwargs)
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("disease_nc.edges.csv", r"disease_nc\.edges\.csv' is not UTF-8 text \(byte 0, line 1: invalid start byte\)"),
+    ("disease_nc.labels.npy", r"disease_nc\.labels\.npy' is truncated or not a \.npy file \(ValueError: it is no "
+                              r"NumPy array file, and loading it would mean unpickling it\)"),
+])
+def test_damaged_disease_file_is_one_error_naming_it(tmp_path, name, message):
+    shutil.copytree(HGCN / "disease_nc", tmp_path / "disease_nc")
+    (tmp_path / "disease_nc" / name).write_bytes(b"\xff\xd8\xff\xe0 a JPEG, say" + bytes(range(256)))
+    data = GraphDataModule(dataset="disease", root=str(tmp_path), features="identity")
+    with pytest.raises(ValueError, match=message) as error:
+        data.setup()
+    assert "\n" not in str(error.value)

@@ -161,3 +161,26 @@ def test_bad_arguments(kwargs, name):
 def test_unknown_tokenizer_kind(tmp_path):
     with pytest.raises(ValueError, match="byte"):
         build_tokenizer("word", "text", 300, tmp_path)
+
+
+BINARY = b"readable first line\n" + bytes(range(128, 256))  # 0x80 (byte 20) starts no UTF-8 character
+
+
+@pytest.mark.parametrize("layout", ["file", "directory"])
+def test_binary_corpus_is_one_error_naming_the_file(tmp_path, layout):
+    if layout == "file":
+        bad = tmp_path / "corpus.bin"
+        bad.write_bytes(BINARY)
+        path = bad
+    else:
+        for split in ("train", "valid", "test"):
+            (tmp_path / f"{split}.txt").write_text(f"{split} text " * 20, encoding="utf-8")
+        bad = tmp_path / "valid.txt"
+        bad.write_bytes(BINARY)
+        path = tmp_path
+    dm = TextDataModule(path=str(path), seq_len=8, batch_size=2)
+    with pytest.raises(ValueError) as error:
+        dm.setup("fit")
+    message = str(error.value)
+    assert type(error.value) is ValueError and "\n" not in message
+    assert f"{str(bad)!r} is not UTF-8 text (byte 20, line 2: invalid start byte); is it a binary file?" == message

@@ -122,3 +122,20 @@ def test_generated_corpus_is_deterministic_and_needs_reordering(tmp_path):
     word_by_word = [" ".join(lexicon[w] for w in src.split()) for src, _ in pairs]
     assert all(sorted(w.split()) == sorted(tgt.split()) for w, (_, tgt) in zip(word_by_word, pairs))
     assert all(w != tgt for w, (_, tgt) in zip(word_by_word, pairs))
+
+
+def test_binary_or_damaged_files_are_one_error_naming_the_file(tmp_path):
+    from lr_lightning.data.translation import read_lines
+
+    (tmp_path / "train.de").write_bytes(b"ein Satz\n\xff\xfe binary\n")
+    with pytest.raises(ValueError, match=r"train\.de' is not UTF-8 text \(byte 9, line 2: invalid start byte\)"):
+        read_lines(tmp_path / "train.de")
+    (tmp_path / "train.en.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match=r"train\.en\.gz' is truncated or not a gzip file \(BadGzipFile"):
+        read_lines(tmp_path / "train.en.gz")
+    (tmp_path / "valid.en.gz").write_bytes(gzip.compress(b"a sentence\n" * 100)[:30])
+    with pytest.raises(ValueError, match=r"valid\.en\.gz' is truncated or not a gzip file \(EOFError"):
+        read_lines(tmp_path / "valid.en.gz")
+    (tmp_path / "test.de.gz").write_bytes(gzip.compress(b"\x80\x81"))
+    with pytest.raises(ValueError, match=r"test\.de\.gz' is not UTF-8 text \(byte 0, line 1"):
+        read_lines(tmp_path / "test.de.gz")

@@ -300,3 +300,44 @@ def test_float32_truncation_equals_the_float64_hosvd(kind):
     assert layer.ranks == ranks
     weight = tucker_to_tensor(*layer.active_factors()).double()
     assert (weight - reference).norm() <= 1e-5 * reference.norm()
+
+
+def test_mode_products_of_mixed_dtypes_follow_autocast():
+    """Under autocast the first mode product comes out in bfloat16 while the next basis is float32: the chain
+    runs (as a matmul would), in the autocast dtype, and matches the float32 product to bfloat16 precision."""
+    g = torch.Generator().manual_seed(0)
+    core, bases = torch.randn(3, 2, 2, 2, generator=g), [torch.randn(n, 2, generator=g) for n in (3, 3)]
+    expected = tucker_to_tensor(core, [None, None, *bases])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = tucker_to_tensor(core, [None, None, *bases])
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, atol=0.05, rtol=0.02)
+    torch.testing.assert_close(mode_product(core.bfloat16(), bases[0], 2), mode_product(core, bases[0], 2),
+                               atol=0.05, rtol=0.02, check_dtype=False)
+
+
+@pytest.mark.parametrize("k_step", [False, True], ids=["factored", "k_step"])
+@pytest.mark.parametrize("kind", LAYERS)
+def test_forward_and_backward_run_under_bf16_autocast(kind, k_step):
+    """The factored forward and the K-step form (whose other-mode terms enter only the backward) run under
+    ``torch.autocast(bfloat16)``; every gradient is float32 and close to the float32 one."""
+    torch.manual_seed(0)
+    layer = LAYERS[kind]()
+    x = _input(layer)
+    target = torch.randn_like(layer(x))
+    grads = {}
+    for autocast in (False, True):
+        if k_step:
+            layer.begin_k_step_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(x)
+        assert y.dtype == (torch.bfloat16 if autocast else torch.float32)
+        layer.zero_grad()
+        (y.float() - target).square().mean().backward()
+        grads[autocast] = {name: p.grad.clone() for name, p in layer.named_parameters()}
+        if k_step:
+            layer.end_k_step_()
+    for name, grad in grads[True].items():
+        assert grad.dtype == torch.float32
+        scale = grads[False][name].abs().max().item()
+        torch.testing.assert_close(grad, grads[False][name], atol=0.03 * scale + 1e-6, rtol=0, msg=name)

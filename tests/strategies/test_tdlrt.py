@@ -77,10 +77,11 @@ def orthonormality_error(layer) -> float:
 class Regression(L.LightningModule):
     """A user's module that knows nothing of TDLRT (``optimizer_wrapper`` shows the faithful opt-in)."""
 
-    def __init__(self, optimizer_wrapper=None, sgd: bool = False) -> None:
+    def __init__(self, optimizer_wrapper=None, sgd: bool = False, net: nn.Module | None = None,
+                 sgd_lr: float = 0.2) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(24, 24, bias=False))
-        self.optimizer_wrapper, self.sgd = optimizer_wrapper, sgd
+        self.net = net if net is not None else nn.Sequential(nn.Linear(24, 24, bias=False))
+        self.optimizer_wrapper, self.sgd, self.sgd_lr = optimizer_wrapper, sgd, sgd_lr
         self.training_steps = 0
 
     def training_step(self, batch, batch_idx):
@@ -92,7 +93,7 @@ class Regression(L.LightningModule):
 
     def configure_optimizers(self):
         if self.sgd:
-            optimizer = torch.optim.SGD(self.parameters(), lr=0.2)
+            optimizer = torch.optim.SGD(self.parameters(), lr=self.sgd_lr)
         else:
             optimizer = torch.optim.Adam(self.parameters(), lr=1e-2)
         return self.optimizer_wrapper(optimizer, self) if self.optimizer_wrapper else optimizer
@@ -420,3 +421,103 @@ def test_faithful_step_equals_the_dense_weight_dlrt_step():
     assert layer.ranks == (rank, rank)
     torch.testing.assert_close(layer.dense_weight().double(), expected, atol=1e-5, rtol=1e-4)
     assert orthonormality_error(layer) < 1e-5
+
+
+def _trainer(strategy: TDLRT, steps: int, **kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False,
+                     callbacks=[LowRankCallback(strategy, verbose=False)], **kwargs)
+
+
+def test_faithful_variant_refuses_gradient_accumulation_at_fit_start():
+    """Each integrator step evaluates the loss twice on one batch; the gradients Lightning accumulated over
+    the earlier micro-batches cannot enter it (only the last micro-batch's would reach the other parameters)."""
+    strategy = TDLRT(init_rank=4, max_rank=8, variant="faithful")
+    module = Regression()
+    trainer = _trainer(strategy, steps=2, accumulate_grad_batches=2)
+    with pytest.raises(ValueError, match=r"accumulate_grad_batches=1 .*got accumulate_grad_batches=2"):
+        trainer.fit(module, regression_loader(low_rank_teacher([1.0])))
+    assert module.training_steps == 0  # refused before any step
+
+
+def test_cheap_variant_with_gradient_accumulation_equals_the_large_batch():
+    """Two micro-batches of 32 accumulated give the same run as batches of 64, through augmentations
+    (from the accumulated basis gradients), core steps and truncations. The teacher has full rank: with a
+    low-rank one the new directions ``(I - U U^T) dL/dU`` are rank-deficient, and augmentation fills the
+    rest with arbitrary orthonormal columns, which rounding alone changes."""
+    teacher = low_rank_teacher(torch.linspace(3.0, 0.5, 24).tolist())
+    x = torch.randn(384, 24, generator=torch.Generator().manual_seed(1))
+    data = TensorDataset(x, x @ teacher.T)
+    weights = {}
+    for batch_size, accumulate in ((64, 1), (32, 2)):
+        strategy = TDLRT(tau=0.1, init_rank=8, max_rank=12, augment_every=3)
+        torch.manual_seed(0)
+        module = Regression()
+        _trainer(strategy, steps=6, accumulate_grad_batches=accumulate).fit(
+            module, DataLoader(data, batch_size=batch_size))
+        assert module.training_steps == 6 * accumulate
+        weights[accumulate] = module.net[0].ranks, module.net[0].dense_weight().detach()
+    assert weights[1][0] == weights[2][0]
+    torch.testing.assert_close(weights[2][1], weights[1][1], atol=1e-5, rtol=1e-5)
+
+
+class ConvRegression(Regression):
+    """A Conv2d (factored spatial modes with ``spatial_rank``) fitting a Tucker teacher kernel."""
+
+    def __init__(self) -> None:
+        super().__init__(sgd=True, net=nn.Sequential(nn.Conv2d(10, 12, 3, padding=1, bias=False)), sgd_lr=0.5)
+
+
+def _mean_loss(module, loader) -> float:
+    with torch.no_grad():
+        return torch.stack([(module.net(x) - y).square().mean() for x, y in loader]).mean().item()
+
+
+@pytest.mark.parametrize("variant", ["faithful", "cheap"])
+def test_both_variants_train_a_linear_and_a_spatially_factored_conv_under_bf16_mixed(variant):
+    """``precision="bf16-mixed"`` (the faithful error message's advice for fp16): bfloat16 activations meet
+    float32 bases and cores in the factored forward, the K pass's backward-only terms and the spatial mode
+    products. The runs train as the float32 runs do, and the parameters stay float32 with orthonormal bases."""
+    x = torch.randn(64, 10, 6, 6, generator=torch.Generator().manual_seed(1))
+    problems = {"linear": (Regression, regression_loader(low_rank_teacher([3.0, 2.0, 1.5])), 60),
+                "conv": (ConvRegression, DataLoader(TensorDataset(x, F.conv2d(x, tucker_teacher((3, 2, 2, 2)),
+                                                                               padding=1)), batch_size=16), 20)}
+    for name, (module_type, loader, steps) in problems.items():
+        losses = {}
+        for precision in ("32-true", "bf16-mixed"):
+            torch.manual_seed(0)
+            module = module_type(sgd=True) if module_type is Regression else module_type()
+            strategy = TDLRT(tau=0.1, init_rank=6, max_rank=8, variant=variant, augment_every=5, spatial_rank=2)
+            strategy.apply(module)  # to measure the converted model's loss first (the callback's apply is a no-op)
+            before = _mean_loss(module, loader)
+            _trainer(strategy, steps=steps, precision=precision).fit(module, loader)
+            assert module.training_steps == (2 if variant == "faithful" else 1) * steps
+            losses[precision] = _mean_loss(module, loader)
+            assert losses[precision] < 0.5 * before, (name, precision)
+            layer = module.net[0]
+            assert all(p.dtype == torch.float32 for p in layer.parameters())
+            assert orthonormality_error(layer) < 1e-5
+        assert losses["bf16-mixed"] == pytest.approx(losses["32-true"], rel=0.05), name
+
+
+def test_faithful_variant_refuses_fp16_mixed_precision_at_fit_start():
+    """``16-mixed`` steps through a ``GradScaler``, without the closure the integrator evaluates twice."""
+    from lightning.pytorch.plugins.precision import MixedPrecision  # fp16 AMP on CPU needs an explicit plugin
+
+    strategy = TDLRT(init_rank=4, max_rank=8, variant="faithful")
+    module = Regression()
+    scaler = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))
+    with pytest.raises(ValueError, match=r"precision='16-mixed'.*'bf16-mixed'"):
+        _trainer(strategy, steps=2, plugins=[scaler]).fit(module, regression_loader(low_rank_teacher([1.0])))
+    assert module.training_steps == 0
+    cheap = TDLRT(init_rank=4, max_rank=8)
+    _trainer(cheap, steps=2, plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]).fit(
+        Regression(), regression_loader(low_rank_teacher([1.0])))
+
+
+def test_a_closure_less_faithful_step_is_a_clear_error():
+    strategy = TDLRT(init_rank=4, max_rank=8, variant="faithful")
+    model = strategy.apply(nn.Sequential(nn.Linear(8, 8)))
+    optimizer = strategy.wrap_optimizer(torch.optim.SGD(strategy.param_groups(model), lr=0.1), model)
+    with pytest.raises(RuntimeError, match="needs a closure.*'bf16-mixed'"):
+        optimizer.step()
