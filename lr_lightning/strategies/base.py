@@ -259,46 +259,65 @@ class LowRankStrategy:
             if isinstance(module, LowRankLayer) and not isinstance(module, self.layer_types):
                 raise ValueError(self._foreign_layer_message(name, module))
         embeddings = self._embedding_weights(model)
-        if self.target_modules is None:
-            selected = [(n, m) for n, m in candidates if not self._is_head(model, n, m, embeddings)]
-        else:
-            names = [n for n, _ in candidates]
-            for pattern in self.target_modules:
-                if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-                    raise ValueError(self._no_match_message(model, pattern, names))
-            selected = [(n, m) for n, m in candidates
-                        if any(fnmatch.fnmatchcase(n, p) for p in self.target_modules)]
-        for pattern in self.exclude_modules or []:
-            if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in selected):
-                warnings.warn(f"exclude_modules pattern '{pattern}' matched no selected module", stacklevel=2)
-        selected = [(n, m) for n, m in selected
-                    if not any(fnmatch.fnmatchcase(n, p) for p in self.exclude_modules or [])]
         readers = self._weight_read(model)
+        selected = self._excluded(self._targeted(model, candidates, embeddings))
         if self.target_modules is not None:
-            for name, module in selected:
-                if name in readers:
-                    raise ValueError(f"{type(self).__name__} cannot convert '{name}': {readers[name]}, so a "
-                                     f"factorized layer there would be bypassed; leave it dense (drop it from "
-                                     f"target_modules or add it to exclude_modules)")
-                tied = embeddings.get(id(getattr(module, "weight", None)))
-                if tied is not None:
-                    raise ValueError(f"{type(self).__name__} cannot convert '{name}': its weight is tied to the "
-                                     f"nn.Embedding '{tied}', and a factorized layer would break the tie; leave it "
-                                     f"dense (drop it from target_modules or add it to exclude_modules)")
-        elif dense := [n for n, _ in selected if n in readers]:
-            by_reason: dict[str, list[str]] = {}
-            for name in dense:
-                by_reason.setdefault(readers[name], []).append(f"'{name}'")
-            warnings.warn(f"{type(self).__name__} leaves {len(dense)} layers dense because their parent reads "
-                          f"their .weight directly instead of calling them: "
-                          + "; ".join(f"{', '.join(names)} ({reason})" for reason, names in by_reason.items()),
-                          stacklevel=2)
-            selected = [(n, m) for n, m in selected if n not in readers]
+            self._refuse_unservable(selected, readers, embeddings)
+        else:
+            selected = self._without_read_weights(selected, readers)
         if not selected:
             raise ValueError(f"{type(self).__name__} selected no module to convert: every candidate was "
                              f"excluded (exclude_modules={self.exclude_modules}) or is read directly by its "
                              f"parent (see WEIGHT_READERS)")
         return selected
+
+    def _targeted(self, model: nn.Module, candidates: list[tuple[str, nn.Module]],
+                  embeddings: dict[int, str]) -> list[tuple[str, nn.Module]]:
+        """The candidates ``target_modules`` matches (each pattern must match one), or all but the head."""
+        if self.target_modules is None:
+            return [(n, m) for n, m in candidates if not self._is_head(model, n, m, embeddings)]
+        names = [n for n, _ in candidates]
+        for pattern in self.target_modules:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                raise ValueError(self._no_match_message(model, pattern, names))
+        return [(n, m) for n, m in candidates if any(fnmatch.fnmatchcase(n, p) for p in self.target_modules)]
+
+    def _excluded(self, selected: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+        """``selected`` without the ``exclude_modules`` matches (warning about a pattern that matches none)."""
+        patterns = self.exclude_modules or []
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in selected):
+                warnings.warn(f"exclude_modules pattern '{pattern}' matched no selected module", stacklevel=3)
+        return [(n, m) for n, m in selected if not any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+    def _refuse_unservable(self, selected: list[tuple[str, nn.Module]], readers: dict[str, str],
+                           embeddings: dict[int, str]) -> None:
+        """Raise for an explicitly targeted layer whose parent reads its ``.weight`` or whose weight is tied."""
+        for name, module in selected:
+            if name in readers:
+                raise ValueError(f"{type(self).__name__} cannot convert '{name}': {readers[name]}, so a "
+                                 f"factorized layer there would be bypassed; leave it dense (drop it from "
+                                 f"target_modules or add it to exclude_modules)")
+            tied = embeddings.get(id(getattr(module, "weight", None)))
+            if tied is not None:
+                raise ValueError(f"{type(self).__name__} cannot convert '{name}': its weight is tied to the "
+                                 f"nn.Embedding '{tied}', and a factorized layer would break the tie; leave it "
+                                 f"dense (drop it from target_modules or add it to exclude_modules)")
+
+    def _without_read_weights(self, selected: list[tuple[str, nn.Module]],
+                              readers: dict[str, str]) -> list[tuple[str, nn.Module]]:
+        """``selected`` without the layers whose parent reads their ``.weight``, with one warning naming them."""
+        by_reason: dict[str, list[str]] = {}
+        for name, _ in selected:
+            if name in readers:
+                by_reason.setdefault(readers[name], []).append(f"'{name}'")
+        if by_reason:
+            count = sum(len(names) for names in by_reason.values())
+            warnings.warn(f"{type(self).__name__} leaves {count} layers dense because their parent reads "
+                          f"their .weight directly instead of calling them: "
+                          + "; ".join(f"{', '.join(names)} ({reason})" for reason, names in by_reason.items()),
+                          stacklevel=3)
+        return [(n, m) for n, m in selected if n not in readers]
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Convert the selected modules in place and return ``model``. Idempotent.
