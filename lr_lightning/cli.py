@@ -93,7 +93,35 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return Path(a).resolve() == Path(b).resolve()
 
 
-class ResolvedConfigCallback(SaveConfigCallback):
+class RunStartHooks(L.Callback):
+    """Calls :meth:`on_run_start` when the run gets past setup: at the first sanity check, training, validation,
+    test or predict start (each may be the first, depending on the subcommand and the trainer's settings)."""
+
+    def on_run_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """What to do once setup has succeeded."""
+
+    @override
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.on_run_start(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.on_run_start(trainer, pl_module)
+
+    @override
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.on_run_start(trainer, pl_module)
+
+    @override
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.on_run_start(trainer, pl_module)
+
+    @override
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.on_run_start(trainer, pl_module)
+
+
+class ResolvedConfigCallback(RunStartHooks, SaveConfigCallback):
     """Writes the resolved config once setup has succeeded, next to the run's logs or checkpoints, and never over a
     user's file.
 
@@ -141,7 +169,9 @@ class ResolvedConfigCallback(SaveConfigCallback):
                     return "it is a file the CLI did not write"
         return None
 
-    def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    @override
+    def on_run_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Write the config (once)."""
         if self.already_saved:
             return
         self.already_saved = True
@@ -163,37 +193,16 @@ class ResolvedConfigCallback(SaveConfigCallback):
             rank_zero_warn(f"the resolved config is not written to {str(path)!r}: {reason}")
         self.save_config(trainer, pl_module, str(trainer.state.fn))
 
-    @override
-    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.write(trainer, pl_module)
 
-    @override
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.write(trainer, pl_module)
-
-    @override
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.write(trainer, pl_module)
-
-    @override
-    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.write(trainer, pl_module)
-
-    @override
-    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.write(trainer, pl_module)
-
-
-class RunStarted(L.Callback):
-    """Records whether the run got past setup: a sanity check, training, validation, test or predict loop began."""
+class RunStarted(RunStartHooks):
+    """Records whether the run got past setup."""
 
     def __init__(self) -> None:
         self.started = False
 
-    def _start(self, *_: Any) -> None:
+    @override
+    def on_run_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.started = True
-
-    on_sanity_check_start = on_train_start = on_validation_start = on_test_start = on_predict_start = _start
 
 
 LOGGER_BOOTSTRAP_FILES = ("events.out.tfevents.*", "hparams.yaml", "metrics.csv")

@@ -143,7 +143,9 @@ class RoleOptimizer(OptimizerWrapper):
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         groups = self.optimizer.param_groups
-        stepped = [part for group in groups for part in self.split(group, self.steps())]
+        step = self.steps()
+        factors = {role: self.multiplier(step, role) for role in {*self.roles.values(), "dense"}}
+        stepped = [part for group in groups for part in self.split(group, factors)]
         if len(stepped) == len(groups) and all(a is b for a, b in zip(stepped, groups)):
             return self.optimizer.step(closure)
         self.optimizer.param_groups = stepped
@@ -152,13 +154,14 @@ class RoleOptimizer(OptimizerWrapper):
         finally:
             self.optimizer.param_groups = groups
 
-    def split(self, group: dict[str, Any], step: int) -> list[dict[str, Any]]:
-        """``group`` itself when every parameter keeps its values, else one copy per (LR factor, decay)."""
+    def split(self, group: dict[str, Any], factors: dict[str, float]) -> list[dict[str, Any]]:
+        """``group`` itself when every parameter keeps its values, else one copy per (LR factor, decay); ``factors``
+        holds this step's LR factor of every role."""
         parts: dict[tuple[float, bool], list[torch.Tensor]] = {}
         for p in group["params"]:
             role = self.roles.get(id(p), "dense")
             decays = role not in self.no_decay and group.get("weight_decay", 0) != 0
-            parts.setdefault((self.multiplier(step, role), decays), []).append(p)
+            parts.setdefault((factors[role], decays), []).append(p)
         if list(parts) in ([], [(1.0, group.get("weight_decay", 0) != 0)]):
             return [group]
         return [{**group, "params": params, "lr": group["lr"] * factor, **({} if decays else {"weight_decay": 0.0})}
