@@ -3,17 +3,25 @@
     python bench/lm_quality.py --tiny          # 7 strategies, 300 steps each: under 10 min on 2 CPU cores
     python bench/lm_quality.py                 # the full budget (1000 steps each)
     python bench/lm_quality.py --only full_rank sst --steps 100 --data ../shared/data/wikitext-2
+    python bench/lm_quality.py --tiny --lrs 1e-3 3e-3 1e-2   # a learning-rate sweep per strategy
+    python bench/lm_quality.py --only full_rank sst --lrs 3e-3 1e-2 --steps 3000 --model-dim 64 --n-layer 2
 
 Each strategy starts from its shipped ``configs/lm/<name>.yaml`` (optimizer, method hyperparameters,
 model shape) with these overrides, so the comparison is at **equal rank** ``r`` (``--rank``, default
 ``model_dim / 8``) and an equal **token budget** (steps x batch x sequence length):
 
 - ``lora``, ``relora_star``, ``sst``: rank ``r``; ReLoRA*'s merge interval equals SST's draw interval
-  (``--interval``, default steps / 6), as in the SST paper, with the re-warmup at a fifth of it.
+  (``--interval``, default steps / 6), as in the SST paper, with the re-warmup at a fifth of it. SST
+  re-factors every 2 draws: the paper's round of ``d / r`` draws would not end inside the budget.
 - ``tdlrt``: ``init_rank = max_rank = r`` (capacity ``2 r``; truncation by ``tau`` may go lower).
 - ``inrank``: rank-adaptive from its config (MLP layers only, as the paper); the switch to the fixed
   rank happens after half the budget (``switch_step``), since an epoch of WikiText-2 is the budget.
 - ``svd_training``: full rank; sparsity from a third of the budget, energy pruning at two thirds.
+
+With ``--lrs`` every strategy is trained at each learning rate (the config's otherwise); the table
+gives each strategy's best run (lowest final validation loss) with its learning rate and the
+perplexity at every rate, and the plot the best runs' curves. ``--model-dim``, ``--n-layer`` and
+``--n-head`` change the GPT's shape for every strategy (a smaller model for longer).
 
 The corpus is tokenized once (byte-level BPE with a locally trained vocabulary, cached) and shared by
 every run. The Markdown table (``lm_quality.md``) gives validation loss and perplexity on the
@@ -49,8 +57,8 @@ from lr_lightning.tasks import LanguageModelingTask  # noqa: E402
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "lm"
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 STRATEGIES = ("full_rank", "lora", "relora_star", "sst", "inrank", "tdlrt", "svd_training")
-TABLE_HEADER = ("strategy", "val loss", "val ppl", "trainable params", "optimizer state", "wall time",
-                "final ranks (total / full)")
+TABLE_HEADER = ("strategy", "lr", "val loss", "val ppl", "ppl per lr", "trainable params", "optimizer state",
+                "wall time", "final ranks (total / full)")
 
 
 @dataclass(frozen=True)
@@ -92,7 +100,7 @@ def strategy_overrides(name: str, rank: int, steps: int, interval: int) -> dict[
         "full_rank": {},
         "lora": {"rank": rank},
         "relora_star": {"rank": rank, "merge_every": interval, "restart_warmup_steps": rewarm},
-        "sst": {"rank": rank, "iteration_interval": interval, "restart_warmup_steps": rewarm},
+        "sst": {"rank": rank, "iteration_interval": interval, "restart_warmup_steps": rewarm, "round_length": 2},
         "inrank": {"switch_step": max(steps // 2, 1), "switch_epoch": None,
                    "warmup_steps": min(50, steps // 6), "check_every": max(1, min(10, steps // 30))},
         "tdlrt": {"init_rank": rank, "max_rank": rank},
@@ -107,8 +115,10 @@ def build_strategy(name: str, rank: int, steps: int, interval: int) -> LowRankSt
     return strategy_from_config({"class_path": config["class_path"], "init_args": init_args})
 
 
-def build_task(name: str, strategy: LowRankStrategy, vocab_size: int, budget: Budget) -> LanguageModelingTask:
-    """The config's GPT and AdamW around ``strategy``, with the vocabulary of the tokenizer."""
+def build_task(name: str, strategy: LowRankStrategy, vocab_size: int, budget: Budget, lr: float | None = None,
+               shape: dict[str, int] | None = None) -> LanguageModelingTask:
+    """The config's GPT and AdamW around ``strategy``, with the vocabulary of the tokenizer; ``lr`` and
+    ``shape`` (``n_layer``, ``n_head``, ``model_dim``) replace the config's where given."""
     model_args = load_config(name)["model"]["init_args"]
     optimizer = model_args["optimizer"]
     if optimizer["class_path"] != "torch.optim.AdamW":
@@ -116,10 +126,13 @@ def build_task(name: str, strategy: LowRankStrategy, vocab_size: int, budget: Bu
                          f"got {optimizer['class_path']}")
     kwargs = dict(optimizer.get("init_args", {}))
     kwargs["betas"] = tuple(kwargs.get("betas", (0.9, 0.999)))
-    shape = {k: model_args[k] for k in ("n_layer", "n_head", "model_dim") if k in model_args}
+    if lr is not None:
+        kwargs["lr"] = lr
+    config_shape = {k: model_args[k] for k in ("n_layer", "n_head", "model_dim") if k in model_args}
     return LanguageModelingTask(strategy=strategy, optimizer=lambda groups: torch.optim.AdamW(groups, **kwargs),
                                 vocab_size=vocab_size, block_size=budget.seq_len,
-                                warmup_steps=min(model_args.get("warmup_steps", 50), budget.steps // 10), **shape)
+                                warmup_steps=min(model_args.get("warmup_steps", 50), budget.steps // 10),
+                                **{**config_shape, **(shape or {})})
 
 
 class ValidationCurve(L.Callback):
@@ -142,11 +155,11 @@ def rank_summary(strategy: LowRankStrategy, task: LanguageModelingTask) -> tuple
 
 
 def train(name: str, data: TextDataModule, budget: Budget, rank: int, interval: int, seed: int,
-          progress: bool) -> dict[str, Any]:
+          progress: bool, lr: float | None = None, shape: dict[str, int] | None = None) -> dict[str, Any]:
     """Fit strategy ``name`` for ``budget`` on ``data``; return its figures and validation curve."""
     L.seed_everything(seed, verbose=False)
     strategy = build_strategy(name, rank, budget.steps, interval)
-    task = build_task(name, strategy, data.tokenizer_vocab_size, budget)
+    task = build_task(name, strategy, data.tokenizer_vocab_size, budget, lr, shape)
     curve = ValidationCurve(budget.tokens_per_step)
     common = {"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
               "enable_model_summary": False, "enable_progress_bar": progress}
@@ -160,25 +173,40 @@ def train(name: str, data: TextDataModule, budget: Budget, rank: int, interval: 
     final = L.Trainer(limit_val_batches=budget.final_val_batches, **common).validate(task, data, verbose=False)[0]
     report = strategy.report(task)
     total_rank, full_rank = rank_summary(strategy, task)
-    return {"name": name, "val_loss": final["val/loss"], "trainable": report.model_trainable,
+    lr = lr if lr is not None else load_config(name)["model"]["init_args"]["optimizer"]["init_args"]["lr"]
+    return {"name": name, "lr": lr, "val_loss": final["val/loss"], "trainable": report.model_trainable,
             "total": report.model_total, "state": state, "seconds": seconds, "rank": total_rank,
             "full_rank": full_rank, "curve": curve.points}
 
 
+def best_runs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each strategy's run with the lowest final validation loss, in the order strategies first appear."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in results:
+        if r["name"] not in best or r["val_loss"] < best[r["name"]]["val_loss"]:
+            best[r["name"]] = r
+    return list(best.values())
+
+
 def table_rows(results: list[dict[str, Any]]) -> list[tuple[str, ...]]:
-    """One row per result in :data:`TABLE_HEADER`'s columns."""
-    return [(r["name"], f"{r['val_loss']:.3f}", f"{math.exp(r['val_loss']):.1f}",
-             f"{r['trainable']:,} / {r['total']:,}", f"{r['state']:,}", f"{r['seconds']:.0f} s",
-             f"{r['rank']} / {r['full_rank']} ({r['rank'] / max(r['full_rank'], 1):.0%})") for r in results]
+    """One row per strategy (its best run) in :data:`TABLE_HEADER`'s columns."""
+    rows = []
+    for r in best_runs(results):
+        sweep = ", ".join(f"{o['lr']:g}: {math.exp(o['val_loss']):.1f}" for o in results if o["name"] == r["name"])
+        rows.append((r["name"], f"{r['lr']:g}", f"{r['val_loss']:.3f}", f"{math.exp(r['val_loss']):.1f}", sweep,
+                     f"{r['trainable']:,} / {r['total']:,}", f"{r['state']:,}", f"{r['seconds']:.0f} s",
+                     f"{r['rank']} / {r['full_rank']} ({r['rank'] / max(r['full_rank'], 1):.0%})"))
+    return rows
 
 
 def target_lines(results: list[dict[str, Any]]) -> list[str]:
-    """The issue's quality targets, evaluated where the strategies they compare were run.
+    """The issue's quality targets on each strategy's best run, evaluated where the strategies they compare were run.
 
     SST closes ``(ppl(ReLoRA*) - ppl(SST)) / (ppl(ReLoRA*) - ppl(full))`` of the gap (target >= 50%);
     InRank's perplexity is within ``ppl(InRank) / ppl(full) - 1`` of full rank (target <= 5%) at a
     total rank of ``rank / full rank`` (target < 40%).
     """
+    results = best_runs(results)
     ppl = {r["name"]: math.exp(r["val_loss"]) for r in results}
     lines = []
     if {"full_rank", "relora_star", "sst"} <= ppl.keys():
@@ -196,14 +224,15 @@ def target_lines(results: list[dict[str, Any]]) -> list[str]:
 
 
 def write_results(results: list[dict[str, Any]], out: Path, notes: list[str]) -> tuple[Path, Path]:
-    """Write ``lm_quality.md`` (notes, the table, the targets), ``lm_quality.json`` (the results with their
-    curves, for re-plotting runs made separately) and ``lm_quality.png`` under ``out``."""
+    """Write ``lm_quality.md`` (notes, the table, the targets), ``lm_quality.json`` (every run with its
+    curve, for re-plotting runs made separately) and ``lm_quality.png`` (the best runs' curves) under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "lm_quality.json").write_text(json.dumps({"notes": notes, "results": results}, indent=1))
     table = markdown_table(TABLE_HEADER, table_rows(results))
     markdown = out / "lm_quality.md"
     markdown.write_text("\n".join(notes) + "\n\n" + table + "\n\n" + "\n".join(target_lines(results)) + "\n")
-    plot = plot_curves({r["name"]: r["curve"] for r in results}, "training tokens", "validation loss",
+    curves = {f"{r['name']} (lr {r['lr']:g})": r["curve"] for r in best_runs(results)}
+    plot = plot_curves(curves, "training tokens", "validation loss",
                        out / "lm_quality.png", title="\n".join(textwrap.wrap(notes[0], 80)) if notes else None)
     return markdown, plot
 
@@ -214,6 +243,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="optimizer steps per strategy (overrides the budget's)")
     parser.add_argument("--rank", type=int, help="rank of every low-rank method (default model_dim / 8)")
     parser.add_argument("--interval", type=int, help="SST draw interval = ReLoRA* merge interval (default steps / 6)")
+    parser.add_argument("--lrs", nargs="+", type=float,
+                        help="learning rates to sweep per strategy (default: the config's)")
+    parser.add_argument("--model-dim", type=int, help="GPT width of every strategy (default: the configs')")
+    parser.add_argument("--n-layer", type=int, help="GPT depth of every strategy (default: the configs')")
+    parser.add_argument("--n-head", type=int, help="attention heads of every strategy (default: the configs')")
     parser.add_argument("--only", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="WikiText-style folder or a text file")
     parser.add_argument("--tokenizer", choices=("bpe", "byte"), default="bpe")
@@ -227,10 +261,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true", help="hide Lightning's progress bar")
     args = parser.parse_args(argv)
     for name in ("steps", "rank", "interval", "vocab_size", "max_chars", "val_batches", "final_val_batches",
-                 "threads"):
+                 "threads", "model_dim", "n_layer", "n_head"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.lrs is not None and min(args.lrs) <= 0:
+        raise ValueError(f"--lrs must all be > 0, got {args.lrs}")
     if not args.data.exists():
         raise FileNotFoundError(f"--data {args.data} does not exist (WikiText-2 lies in ../shared/data/wikitext-2)")
     return args
@@ -242,7 +278,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     budget = TINY if args.tiny else FULL
     overrides = {"steps": args.steps, "val_batches": args.val_batches, "final_val_batches": args.final_val_batches}
     budget = replace(budget, **{k: v for k, v in overrides.items() if v is not None})
-    model_args = load_config("full_rank")["model"]["init_args"]
+    shape = {k: getattr(args, k) for k in ("n_layer", "n_head", "model_dim") if getattr(args, k) is not None}
+    model_args = {**load_config("full_rank")["model"]["init_args"], **shape}
     rank = args.rank or model_args["model_dim"] // 8
     interval = args.interval or max(budget.steps // 6, 1)
     data = TextDataModule(path=str(args.data), tokenizer=args.tokenizer, bpe_vocab_size=args.vocab_size,
@@ -258,11 +295,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
              f"SST draw interval = ReLoRA* merge interval = {interval} steps; validation on "
              f"{budget.final_val_batches} batches of {budget.batch_size} x {budget.seq_len} tokens at the end."]
     print("\n".join(notes), flush=True)
-    results = []
+    results, start = [], time.perf_counter()
     for name in args.only:
-        print(f"--- {name}", flush=True)
-        results.append(train(name, data, budget, rank, interval, args.seed, progress=not args.no_progress))
-        markdown, plot = write_results(results, args.out, notes)
+        for lr in args.lrs or [None]:
+            print(f"--- {name}" + ("" if lr is None else f" lr {lr:g}"), flush=True)
+            results.append(train(name, data, budget, rank, interval, args.seed, progress=not args.no_progress,
+                                 lr=lr, shape=shape))
+            markdown, plot = write_results(results, args.out, notes)
+    notes.append(f"Total wall time: {(time.perf_counter() - start) / 60:.1f} min for {len(results)} runs.")
+    markdown, plot = write_results(results, args.out, notes)
     print(markdown.read_text())
     print(f"wrote {markdown} and {plot}")
     return results

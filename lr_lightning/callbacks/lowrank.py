@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.strategies import SingleDeviceStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
@@ -89,10 +89,21 @@ class LowRankCallback(L.Callback):
         """Check the optimizers, then make them step as the strategy's contract says (see the class docstring)."""
         self.strategy.check_run(trainer.accumulate_grad_batches, str(trainer.precision))
         self._check_optimizers(trainer, pl_module)
+        self._warn_unreached_operations(trainer, pl_module)
         self.role_optimizers = []
         trainer.optimizers = [self.keep_contract(optimizer, trainer, pl_module) for optimizer in trainer.optimizers]
         if self.verbose:
             rank_zero_info(str(self.strategy.report(pl_module)))
+
+    def _warn_unreached_operations(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Warn about periodic operations whose period exceeds the optimizer steps this run plans (they never run)."""
+        planned = trainer.estimated_stepping_batches
+        late = {name: period for name, period in self.strategy.operations(pl_module).items()
+                if period is not None and period > planned}
+        if late:
+            listed = ", ".join(f"{name} every {period} steps" for name, period in late.items())
+            rank_zero_warn(f"{type(self.strategy).__name__}: this run plans {planned:g} optimizer steps, so {listed} "
+                           "never runs: shorten the operation's period or train longer")
 
     def keep_contract(self, optimizer: Optimizer, trainer: L.Trainer, pl_module: L.LightningModule) -> Optimizer:
         """``optimizer`` stepping with the strategy's LR multipliers and decay rules, wrapped as the method needs."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +19,11 @@ class IncrementalLinear(LowRankLayer):
     ``r`` (:attr:`rank`) is the rank found so far and ``buffer`` the extra columns in which new
     directions can appear; both live in module buffers (``current_rank``, ``buffer_size``) so they
     checkpoint and broadcast, and only the first ``k`` rows of ``A`` / columns of ``B`` take part in
-    the forward. The unused capacity is kept at zero: it gets zero gradients, weight decay leaves it
-    at zero, and :meth:`grow_` activates it without changing the function (new rows of ``A`` are
-    drawn Kaiming-uniform, new columns of ``B`` stay zero). With ``base=True`` the layer is the
+    the forward (the rest gets zero gradients and zero Adam moments). :meth:`grow_` activates more
+    columns in one of two ways: as they are (the released code: with ``fill="random"`` the whole
+    capacity is Kaiming-initialised at conversion, so new columns bring new random directions) or
+    redrawn (new rows of ``A`` Kaiming-uniform, new columns of ``B`` zero: the function is kept; with
+    ``fill="zero"`` the unused capacity is zero until then). With ``base=True`` the layer is the
     paper's general InRank, ``W = W0 + B A`` with ``W0`` frozen and ``B A`` the cumulative update;
     without, it is InRank-Efficient's ``W = B A`` (the released code: no ``W0``).
     """
@@ -63,29 +66,36 @@ class IncrementalLinear(LowRankLayer):
         buffer: int,
         base: bool = False,
         generator: torch.Generator | None = None,
+        fill: Literal["zero", "random"] = "zero",
     ) -> IncrementalLinear:
         """Replace a dense layer; its bias is kept, its weight becomes ``W0`` (``base``) or is dropped.
 
-        The first ``rank + buffer`` rows of ``A`` are Kaiming-uniform. ``B``'s active columns are zero
-        with ``base`` (the update starts at 0, ``W = W0``) and Kaiming-uniform over ``capacity``
-        without it (the reference code's random ``W = B A``).
+        ``A``'s first ``rank + buffer`` rows are Kaiming-uniform. ``B``'s active columns are zero with
+        ``base`` (the update starts at 0, ``W = W0``) and Kaiming-uniform over ``capacity`` without it
+        (the reference code's random ``W = B A``). ``fill`` sets the unused capacity: ``zero``, or
+        ``random`` (Kaiming-uniform like the active part, as the released code initialises all
+        ``R_max`` columns; not with ``base``, whose update must start at 0).
         """
+        if fill not in ("zero", "random"):
+            raise ValueError(f"fill must be 'zero' or 'random', got {fill!r}")
+        if fill == "random" and base:
+            raise ValueError("fill='random' needs base=False: with a frozen W0 the update B A starts at 0")
         weight = linear.weight
         layer = cls(weight.shape[1], weight.shape[0], capacity, rank, buffer,
                     bias=getattr(linear, "bias", None) is not None, base=base,
                     device=weight.device, dtype=weight.dtype)
-        active = rank + buffer
+        drawn = capacity if fill == "random" else rank + buffer
         with torch.no_grad():
             if layer.bias is not None:
                 layer.bias.copy_(linear.bias)
             if base:
                 layer.weight.copy_(weight)
             a = torch.zeros(layer.A.shape)
-            a[:active] = _kaiming_uniform((active, layer.in_features), layer.in_features, generator)
+            a[:drawn] = _kaiming_uniform((drawn, layer.in_features), layer.in_features, generator)
             write_full_(layer.A, a)
             if not base:
                 b = torch.zeros(layer.B.shape)
-                b[:, :active] = _kaiming_uniform((layer.out_features, active), capacity, generator)
+                b[:, :drawn] = _kaiming_uniform((layer.out_features, drawn), capacity, generator)
                 write_full_(layer.B, b)
         return layer
 
@@ -148,24 +158,26 @@ class IncrementalLinear(LowRankLayer):
             return power.clamp_min(0).sqrt().flip(0)
 
     @torch.no_grad()
-    def grow_(self, rank: int, generator: torch.Generator | None = None) -> None:
-        """``r <- rank`` (never lower): activate ``rank - r`` more columns, keeping the function.
+    def grow_(self, rank: int, redraw: torch.Generator | None = None) -> None:
+        """``r <- rank`` (never lower): the forward uses ``rank - r`` more columns.
 
-        The newly active rows of ``A`` are drawn Kaiming-uniform on the CPU from ``generator`` (the
-        same on every process); the newly active columns of ``B`` are zero, so ``B A`` is unchanged.
+        Without ``redraw`` the columns are turned on as they are (the released code). With it, the
+        newly active rows of ``A`` are drawn Kaiming-uniform on the CPU from ``redraw`` (the same on
+        every process) and the newly active columns of ``B`` are zeroed, so ``B A`` is unchanged.
         """
         if rank <= self.rank:
             return
         if rank + self.buffer > self.capacity:
             raise ValueError(f"rank + buffer must be <= capacity={self.capacity}, "
                              f"got rank={rank}, buffer={self.buffer}")
-        old_active, new_active = self.active_rank, rank + self.buffer
-        draw = _kaiming_uniform((new_active - old_active, self.in_features), self.in_features, generator)
-        a, b = full_tensor(self.A).detach().clone(), full_tensor(self.B).detach().clone()
-        a[old_active:new_active] = draw.to(a)
-        b[:, old_active:new_active] = 0
-        write_full_(self.A, a)
-        write_full_(self.B, b)
+        if redraw is not None:
+            old_active, new_active = self.active_rank, rank + self.buffer
+            draw = _kaiming_uniform((new_active - old_active, self.in_features), self.in_features, redraw)
+            a, b = full_tensor(self.A).detach().clone(), full_tensor(self.B).detach().clone()
+            a[old_active:new_active] = draw.to(a)
+            b[:, old_active:new_active] = 0
+            write_full_(self.A, a)
+            write_full_(self.B, b)
         self.current_rank.fill_(rank)
 
     @torch.no_grad()

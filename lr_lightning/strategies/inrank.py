@@ -14,6 +14,7 @@ from lr_lightning.optim import StateEdit, StateReset
 from lr_lightning.strategies.base import LowRankStrategy, RunState, check_rank_argument, layer_generator, resolve_rank
 
 RatioKind = Literal["variance", "energy"]
+Growth = Literal["reference", "zero"]
 
 
 def explained_ratio(s: torch.Tensor, k: int, size: int, kind: RatioKind = "variance") -> float:
@@ -38,26 +39,40 @@ def explained_ratio(s: torch.Tensor, k: int, size: int, kind: RatioKind = "varia
 
 def select_rank(s: torch.Tensor, rank: int, limit: int, threshold: float, size: int,
                 kind: RatioKind = "variance") -> int:
-    """The smallest ``k`` in ``rank..limit`` with ``explained_ratio(s, k) >= threshold``, else ``limit``.
+    """The smallest ``k`` in ``rank..limit - 1`` with ``explained_ratio(s, k) > threshold``, else ``limit - 1``.
 
-    Starting at the current ``rank`` makes the rank never decrease.
+    The released code's rule (``_matrx_svd_approximation_explained_variance``: a strict ``>``, the scan
+    stopping one short of ``limit = min(r + b, R_max - b)``), so a check grows the rank by at most
+    ``b - 1``. Starting at the current ``rank`` makes the rank never decrease.
     """
     for k in range(rank, limit):
-        if explained_ratio(s, k, size, kind) >= threshold:
+        if explained_ratio(s, k, size, kind) > threshold:
             return k
-    return max(rank, limit)
+    return max(rank, limit - 1)
 
 
 class InRank(LowRankStrategy):
     """Incremental low-rank learning: ``W = [W0 +] B A`` whose rank ``r`` grows while training.
 
+    Converts ``nn.Linear`` layers only (``module_types``): convolutions stay dense (the paper and its
+    code factor the GPT's MLP layers), never half-converted.
+
     The forward uses ``r + buffer`` columns of factors allocated at ``max_rank``. Every
     ``check_every`` optimizer steps after ``warmup_steps``, each layer's ``B A`` spectrum ``s`` (QR of
-    both factors, then an SVD of the small ``(r + b) x (r + b)`` core) sets
-    ``r <- min{k >= r : g(s, k) >= threshold}``, capped at ``max_rank - buffer``; the rank never
-    shrinks. The decision is taken on process 0 and broadcast. Newly active columns start with ``A``
-    Kaiming-uniform (seeded, the same on every process) and ``B = 0``, so growth keeps the function;
-    inactive capacity stays exactly zero, so neither weight decay nor the optimizer touches it.
+    both factors, then an SVD of the small ``(r + b) x (r + b)`` core) sets ``r`` to the smallest
+    ``k >= r`` with ``g(s, k) > threshold``, scanning at most to ``min(r + b, max_rank - b) - 1``
+    (:func:`select_rank`, the released code's rule: a check adds at most ``b - 1``); the rank never
+    shrinks. The decision is taken on process 0 and broadcast. How new columns start is ``growth``:
+
+    - ``reference`` (default): as the released code (jiaweizzhao/InRank,
+      ``in_rank_efficient.py``), all of ``A`` and ``B`` are Kaiming-initialised at conversion and
+      columns are turned on as they are. Each growth adds random directions, so the next check
+      sees them and the rank keeps rising while the spectrum stays spread. AdamW's decoupled decay
+      shrinks the inactive columns meanwhile, as in the released code.
+    - ``zero``: new rows of ``A`` are drawn Kaiming-uniform (seeded, the same on every process) and
+      new columns of ``B`` start at 0, so growth keeps the function; the unused capacity stays
+      zero. New columns then add nothing to the spectrum until trained, and the rank tends to stop
+      at its first grown value (our earlier default; the only choice for ``keep_base=True``).
 
     InRank-Efficient (the default, ``keep_base=False``: ``W = B A`` with no ``W0``, as the released
     code): at the end of training epoch ``switch_epoch`` (or after optimizer step ``switch_step``)
@@ -66,7 +81,7 @@ class InRank(LowRankStrategy):
     columns (:meth:`layers_to_shrink`): training continues at a fixed rank with ``r (m + n)``
     parameters, gradients and multiply-adds per token instead of the capacity's. With
     ``keep_base=True`` the layer is the paper's general InRank, ``W = W0 + B A`` with ``W0`` the
-    frozen initial weight.
+    frozen initial weight and ``B A`` starting at 0 (the paper gives no released code for it).
 
     Args:
         init_rank: ``r_0``, the starting rank.
@@ -83,7 +98,9 @@ class InRank(LowRankStrategy):
         max_rank: Capacity of the factors: an int, or a float fraction of ``min(m, n)`` (default
             0.5, the code's ``R_max = min(m, n) / 2``). The rank stops at ``max_rank - buffer``.
         keep_base: ``True``: ``W = W0 + B A`` with ``W0`` frozen (general InRank; ``B A`` starts at
-            0). ``False``: ``W = B A`` from a random Kaiming init (InRank-Efficient).
+            0; needs ``growth="zero"``). ``False``: ``W = B A`` from a random Kaiming init (InRank-Efficient).
+        growth: ``reference`` (columns turned on as the random init left them) or ``zero``
+            (function-preserving: new columns of ``B`` start at 0). See above.
         switch_step: Re-factor and fix the ranks after this optimizer step; overrides
             ``switch_epoch``.
         switch_epoch: Re-factor and fix the ranks at the end of this training epoch (0-based;
@@ -109,6 +126,7 @@ class InRank(LowRankStrategy):
         check_every: int = 3,
         max_rank: int | float = 0.5,
         keep_base: bool = False,
+        growth: Growth = "reference",
         switch_step: int | None = None,
         switch_epoch: int | None = 0,
         seed: int = 0,
@@ -127,13 +145,19 @@ class InRank(LowRankStrategy):
         if ratio not in get_args(RatioKind):
             raise ValueError(f"ratio must be one of {get_args(RatioKind)}, got {ratio!r}")
         check_rank_argument(max_rank, "max_rank")
+        if growth not in get_args(Growth):
+            raise ValueError(f"growth must be one of {get_args(Growth)}, got {growth!r}")
+        if keep_base and growth != "zero":
+            raise ValueError(f"keep_base=True (W = W0 + B A, B A starting at 0) needs growth='zero', got "
+                             f"growth={growth!r}: the reference growth turns on random columns of W = B A")
         if switch_step is not None and switch_step < 1:
             raise ValueError(f"switch_step must be an int >= 1 or None, got {switch_step}")
         if switch_epoch is not None and switch_epoch < 0:
             raise ValueError(f"switch_epoch must be an int >= 0 or None, got {switch_epoch}")
         self.init_rank, self.buffer, self.threshold, self.ratio = init_rank, buffer, threshold, ratio
         self.warmup_steps, self.check_every, self.max_rank = warmup_steps, check_every, max_rank
-        self.keep_base, self.switch_step, self.switch_epoch, self.seed = keep_base, switch_step, switch_epoch, seed
+        self.keep_base, self.growth = keep_base, growth
+        self.switch_step, self.switch_epoch, self.seed = switch_step, switch_epoch, seed
 
     @override
     def convert(self, name: str, module: nn.Module, index: int) -> nn.Module:
@@ -145,7 +169,8 @@ class InRank(LowRankStrategy):
                 f"'{name}' of shape ({m}, {n}) (max_rank={self.max_rank}): lower init_rank or buffer, or raise "
                 f"max_rank up to {min(m, n)} (1.0)")
         return IncrementalLinear.from_linear(module, capacity, self.init_rank, self.buffer, base=self.keep_base,
-                                             generator=layer_generator(self.seed, index))
+                                             generator=layer_generator(self.seed, index),
+                                             fill="random" if self.growth == "reference" else "zero")
 
     # ----------------------------------------------------------------------------- schedule
     def is_check_step(self, step: int) -> bool:
@@ -170,8 +195,8 @@ class InRank(LowRankStrategy):
 
     # ----------------------------------------------------------------------------- operations
     def grow(self, model: nn.Module, step: int) -> list[StateEdit]:
-        """Set each layer's rank from its spectrum (decided on process 0). New columns keep the function
-        (``B = 0``) and their optimizer state is zero (unused capacity never had a gradient): no edit."""
+        """Set each layer's rank from its spectrum (decided on process 0) and turn the new columns on
+        (``growth``). Their optimizer state is zero (unused capacity never had a gradient): no edit."""
         layers = self._incremental_layers(model)
         ranks = []
         for _, _, layer in layers:
@@ -180,7 +205,7 @@ class InRank(LowRankStrategy):
             ranks.append(select_rank(layer.spectrum(), layer.rank, limit, self.threshold, size, self.ratio))
         ranks = _from_process_zero(ranks, layers[0][2].current_rank.device) if layers else ranks
         for (index, _, layer), rank in zip(layers, ranks):
-            layer.grow_(rank, layer_generator(self.seed, index, step))
+            layer.grow_(rank, layer_generator(self.seed, index, step) if self.growth == "zero" else None)
         return []
 
     def switch(self, model: nn.Module, step: int) -> list[StateEdit]:

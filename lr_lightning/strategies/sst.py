@@ -15,6 +15,9 @@ from lr_lightning.strategies.base import LowRankStrategy, check_rank_argument, l
 class SST(LowRankStrategy):
     """``W = U diag(s) V^T`` from the SVD of the dense init; all of ``s`` and ``r`` sampled pairs train each step.
 
+    Converts ``nn.Linear`` layers only (``module_types``): convolutions stay dense (the paper's image
+    experiments are MLPs), never half-converted.
+
     After every optimizer step ``s <- max(s, 0)`` and the active ``u_i, v_i`` are renormalised (the
     magnitude lives in ``s``). Every ``iteration_interval`` steps a new set of ``r`` pairs is drawn
     from ``p_i = uniform_mix / m' + (1 - uniform_mix) s_i / sum_j s_j`` without replacement; the
@@ -24,14 +27,24 @@ class SST(LowRankStrategy):
     the same factors), and the moments of ``s`` are reset because its entries are re-sorted.
     Draws use generators seeded by (seed, layer, draw), so they are identical on every process.
 
+    The schedule follows Zhao et al., ICML 2025, appendix F.2: "number of steps per iteration (T3)
+    is set to 200. Each iteration begins with a warmup phase lasting 20 steps. The number of
+    iterations per round (T2) is determined by the formula T2 = d/r, where d is the embedding
+    dimension and r the rank." The defaults below are those values.
+
     Args:
         rank: Active singular-vector pairs ``r``, as an int or a float fraction of ``min(m, n)``.
-        iteration_interval: Optimizer steps between two draws of the active set (``T3``).
-        round_length: Draws per round, i.e. between two re-SVDs (``T2``); ``None`` takes
-            ``ceil(min(m, n) / r)`` per layer, so a round can visit every vector on average.
+        iteration_interval: Optimizer steps between two draws of the active set, the paper's ``T3``
+            (200 in appendix F.2).
+        round_length: Draws per round, i.e. between two re-SVDs, the paper's ``T2``; ``None`` takes
+            ``ceil(min(m, n) / r)`` per layer, appendix F.2's ``T2 = d / r`` with ``d`` the layer's
+            ``m' = min(m, n)`` (the embedding dimension for a layer to or from it), rounded up so a
+            round can visit every vector on average. A run shorter than ``iteration_interval * T2``
+            steps never re-factors: set a smaller value there.
         uniform_mix: Weight of the uniform part of the sampling distribution: 0.5 is the ICML'25
             version, 0.0 the arXiv v1 ``p_i ∝ s_i``.
-        restart_warmup_steps: Length of the linear LR re-warmup of ``U, V`` after each draw.
+        restart_warmup_steps: Length of the linear LR re-warmup of ``U, V`` after each draw (the
+            20-step warmup that begins each iteration in appendix F.2).
         enhanced_gradient: Drop the ``s_i`` factor from the gradients of ``u_i, v_i`` (the paper's
             enhanced gradient); ``False`` gives the plain gradient of ``U diag(s) V^T``.
         seed: Seed of the sampling generators.
@@ -47,7 +60,7 @@ class SST(LowRankStrategy):
         iteration_interval: int = 200,
         round_length: int | None = None,
         uniform_mix: float = 0.5,
-        restart_warmup_steps: int = 50,
+        restart_warmup_steps: int = 20,
         enhanced_gradient: bool = True,
         seed: int = 0,
         target_modules: list[str] | None = None,

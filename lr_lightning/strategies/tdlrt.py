@@ -49,9 +49,10 @@ class TDLRT(LowRankStrategy):
     each mode's largest possible rank (``min(m, n)`` for a Linear; ``min(C_out, C_in k^2)`` and
     ``min(C_in, C_out k^2)`` for the channel modes of a Conv2d); ints are clipped to it. The cheap
     variant leaves the bases out of :meth:`param_groups` (they never step, so they hold no optimizer
-    state); the faithful variant steps them as ``K_i`` without weight decay. The core gets the
-    optimizer's decay, which with orthonormal bases is exactly the dense decay ``-lambda W`` seen
-    in core coordinates (``||W||_F = ||C||_F``).
+    state); the faithful variant steps them as ``K_i`` without weight decay, from fresh optimizer
+    state at every integrator step (see ``moments``). The core gets the optimizer's decay, which with
+    orthonormal bases is exactly the dense decay ``-lambda W`` seen in core coordinates
+    (``||W||_F = ||C||_F``).
 
     Args:
         tau: Relative truncation tolerance: keep the smallest rank whose discarded singular values
@@ -64,6 +65,10 @@ class TDLRT(LowRankStrategy):
         augment_every: Cheap variant: optimizer steps per augment-train-truncate cycle (>= 2).
         moments: Optimizer-state policy for the core at augmentation and truncation: ``transport``
             (``m <- m x_i A_i``, ``v <- (sqrt(v) x_i A_i)^2``) or ``reset`` (zero the core's state).
+            The faithful variant's ``K_i`` change coordinates every integrator step, so their state is
+            reset every step under either policy: each K-step is then the optimizer's first step (for
+            Adam a normalised-gradient step). DLRT trains the integrator with plain SGD, which has no
+            moments; the reset departs from nothing in the paper and is our choice for Adam.
         spatial_rank: Conv2d only: ``None`` keeps the kernel's spatial modes unfactored (the
             reference code's choice); an int factors them too, starting at that rank, adaptive.
         target_modules: See :class:`LowRankStrategy`.
@@ -258,8 +263,15 @@ class BUGOptimizer(OptimizerWrapper):
     3. Galerkin step: ``closure()`` again with the bases held constant (no basis gradients are
        computed); ``optimizer`` steps the cores and every other parameter.
     4. Truncate: HOSVD of the cores with tolerance ``tau``; core moments transported or reset.
+    5. Reset the optimizer state of every basis parameter (moments and Adam's ``step``, in place).
 
-    DLRT trains this integrator with SGD. With Adam, prefer ``moments="reset"``: truncation rotates
+    The ``K_i`` change coordinates every step: each K-step starts from new bases ``U_i`` and a new QR
+    factor ``Q_i`` of the core, so moments gathered at one step would be applied in the wrong coordinates
+    at the next. Their state is therefore reset after each truncation, whatever ``moments`` says (that
+    policy is the cores'), and every K-step is the optimizer's first step on fresh state: for Adam a
+    normalised-gradient step ``-lr g / (|g| + eps)``. DLRT trains this integrator with plain SGD, which
+    has no moments, so the reset departs from nothing in the paper; it is our choice for stateful
+    optimizers such as Adam. With Adam, prefer ``moments="reset"`` for the cores too: truncation rotates
     the core every step, and the square-root transport of ``v`` can then cancel to ~0 under a
     non-zero ``m``. ``optimizer`` keeps its parameter groups and state (:class:`OptimizerWrapper`).
     :class:`~lr_lightning.callbacks.LowRankCallback` installs this wrapper at fit start. The closure
@@ -286,7 +298,8 @@ class BUGOptimizer(OptimizerWrapper):
             raise RuntimeError("BUGOptimizer.step needs a closure (it evaluates the loss twice per step); "
                                "fp16 mixed precision steps without one: use precision '32-true' or 'bf16-mixed'")
         layers = [layer for _, layer in self.strategy.tucker_layers(self.model)]
-        bases = {id(p) for layer in layers for p in layer.basis_parameters()}
+        basis_parameters = [p for layer in layers for p in layer.basis_parameters()]
+        bases = {id(p) for p in basis_parameters}
         self.strategy.integrating = True
         try:
             for layer in layers:
@@ -305,6 +318,7 @@ class BUGOptimizer(OptimizerWrapper):
             self._step_only(lambda p: id(p) not in bases)
             self.steps += 1
             self._apply(self.strategy.truncate(self.model, self.steps))
+            self._apply([StateReset(basis_parameters, "full")])  # the next K-step has new coordinates
         finally:
             self.strategy.integrating = False
             for layer in layers:

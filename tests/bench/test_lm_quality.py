@@ -42,6 +42,24 @@ def test_small_run_writes_a_table_with_one_row_per_strategy_and_a_plot(corpus, t
     assert (full["rank"], lora["rank"]) == (full["full_rank"], 16 * 16)  # 16 projections at rank 16
 
 
+def test_learning_rate_sweep_reports_each_strategys_best_run_with_every_rate(corpus, tmp_path):
+    argv = ["--only", "full_rank", "--lrs", "1e-4", "3e-2", "--steps", "3", "--data", str(corpus), "--tokenizer",
+            "byte", "--val-batches", "1", "--final-val-batches", "1", "--out", str(tmp_path), "--no-progress",
+            "--threads", "1", "--model-dim", "32", "--n-layer", "1", "--n-head", "2"]
+    results = bench.main(argv)
+    assert [r["lr"] for r in results] == [1e-4, 3e-2]
+    best = min(results, key=lambda r: r["val_loss"])
+    rows = [line for line in (tmp_path / "lm_quality.md").read_text().splitlines() if line.startswith("| full")]
+    assert len(rows) == 1 and rows[0].split(" | ")[1] == f"{best['lr']:g}"
+    assert f"0.0001: {math.exp(results[0]['val_loss']):.1f}, 0.03: {math.exp(results[1]['val_loss']):.1f}" in rows[0]
+    assert results[0]["trainable"] < 100_000  # the 1-layer, 32-wide GPT, not the configs' 4 x 128
+
+
+def test_best_runs_keep_the_lowest_loss_per_strategy_in_first_seen_order():
+    runs = [{"name": "a", "val_loss": 3.0}, {"name": "b", "val_loss": 2.0}, {"name": "a", "val_loss": 2.5}]
+    assert bench.best_runs(runs) == [runs[2], runs[1]]
+
+
 def test_low_rank_strategies_share_the_rank_and_the_interval():
     rank, steps, interval = 8, 120, 20
     strategies = {name: bench.build_strategy(name, rank, steps, interval) for name in bench.STRATEGIES}
@@ -61,7 +79,7 @@ def test_targets_report_the_share_of_the_gap_sst_closes_and_inrank_against_full_
         return {"name": name, "val_loss": math.log(ppl), "rank": rank, "full_rank": full_rank}
 
     lines = bench.target_lines([result("full_rank", 100), result("relora_star", 140), result("sst", 110),
-                                result("inrank", 104, rank=300, full_rank=1000)])
+                                result("inrank", 104, rank=300, full_rank=1000), result("sst", 180)])
     assert lines[0].startswith("- SST closes 75% of the perplexity gap") and lines[0].endswith(": met.")
     assert "+4.0% from full rank" in lines[1] and "at 30% of the full total rank" in lines[1]
     assert lines[1].endswith(": met.")

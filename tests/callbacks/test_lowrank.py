@@ -1,4 +1,5 @@
 import csv
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -90,6 +91,20 @@ class Snapshot(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step and self.weight is None:
             self.weight = pl_module.net.body[0].weight.detach().clone()
+
+
+@pytest.mark.parametrize(("round_length", "warns"), [(None, True), (1, False)])
+def test_an_operation_the_planned_run_never_reaches_is_warned_about_at_fit_start(round_length, warns):
+    """SST on 16-wide layers at rank 2 re-factors after ceil(16 / 2) = 8 draws of 5 steps: not in a 16-step run."""
+    strategy = SST(rank=2, iteration_interval=5, round_length=round_length, restart_warmup_steps=1)
+    trainer = _trainer([LowRankCallback(strategy, verbose=False)], max_steps=16)
+    if warns:
+        with pytest.warns(UserWarning, match="plans 16 optimizer steps, so resvd every 40 steps never runs"):
+            trainer.fit(PlainModule(), _loader())
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*never runs")
+            trainer.fit(PlainModule(), _loader())
 
 
 def test_warm_start_freezes_w0_in_a_users_own_optimizer():

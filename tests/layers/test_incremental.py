@@ -43,6 +43,24 @@ def test_conversion_starts_from_the_dense_map_with_a_base_and_from_a_random_prod
     for layer in (general, efficient):
         assert layer.A[5:].abs().sum() == 0 and layer.B[:, 5:].abs().sum() == 0  # inactive capacity is zero
         torch.testing.assert_close(layer.bias, linear.bias)
+    with pytest.raises(ValueError, match="fill='random' needs base=False"):
+        IncrementalLinear.from_linear(linear, 12, 2, 3, base=True, fill="random")
+
+
+def test_random_fill_initialises_the_whole_capacity_and_growth_turns_columns_on_as_they_are():
+    """The released code's layer: all ``R_max`` columns Kaiming-uniform, new columns used unchanged."""
+    torch.manual_seed(0)
+    layer = IncrementalLinear.from_linear(nn.Linear(20, 24), 12, 2, 3, fill="random",
+                                          generator=torch.Generator().manual_seed(0))
+    bound_a, bound_b = 1 / 20 ** 0.5, 1 / 12 ** 0.5
+    assert 0 < layer.A.abs().min() and layer.A.abs().max() <= bound_a and layer.A[5:].abs().max() > 0.8 * bound_a
+    assert 0 < layer.B.abs().min() and layer.B.abs().max() <= bound_b
+    stored_a, stored_b = layer.A.detach().clone(), layer.B.detach().clone()
+    layer.grow_(4)
+    assert layer.active_rank == 7
+    torch.testing.assert_close(layer.A, stored_a, rtol=0, atol=0)
+    torch.testing.assert_close(layer.B, stored_b, rtol=0, atol=0)
+    torch.testing.assert_close(layer.update_weight(), stored_b[:, :7] @ stored_a[:7])
 
 
 def test_forward_uses_only_the_active_slice_and_weight_decay_leaves_the_rest_at_zero():

@@ -143,6 +143,27 @@ def test_sampling_is_seeded_distinct_and_follows_the_spectrum():
     assert (picked < 8).any()  # the uniform part reaches them
 
 
+def _chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's test of ``counts`` against ``probs``: ``P(chi2_{k-1} >= sum (c_i - N p_i)^2 / (N p_i))``."""
+    expected = counts.sum() * probs
+    statistic = ((counts - expected) ** 2 / expected).sum()
+    return float(torch.special.gammaincc(torch.tensor((len(probs) - 1) / 2, dtype=torch.float64), statistic / 2))
+
+
+@pytest.mark.parametrize("uniform_mix", [0.5, 0.0])
+def test_single_draws_follow_the_mixed_spectrum_distribution(uniform_mix):
+    """With ``r = 1`` a draw is categorical: ``P(i) = uniform_mix / m' + (1 - uniform_mix) s_i / sum_j s_j``."""
+    _, layer = _layer(rank=1)
+    s = torch.linspace(2.3, 0.1, layer.capacity, dtype=torch.float64)  # non-uniform, sorted as an SVD's
+    with torch.no_grad():
+        layer.s.copy_(s)
+    probs = uniform_mix / layer.capacity + (1 - uniform_mix) * s / s.sum()
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.cat([layer.sample(generator, uniform_mix) for _ in range(20000)])
+    counts = torch.bincount(draws, minlength=layer.capacity).double()
+    assert _chi_square_p_value(counts, probs) > 1e-3
+
+
 def test_projection_clamps_the_spectrum_and_normalises_active_vectors():
     _, layer = _layer()
     with torch.no_grad():

@@ -95,7 +95,7 @@ CASES = [
     pytest.param(Case(InRank, INRANK_KWARGS, keeps_function_at_init=False, exported_numel=trainable_numel,
                       factored_export=True, scheduled=frozenset({"grow", "switch"}), run_state={"switched": True},
                       resume_at=(4, 7), export_width=active_columns), id="inrank"),
-    pytest.param(Case(InRank, {**INRANK_KWARGS, "keep_base": True}, keeps_function_at_init=True,
+    pytest.param(Case(InRank, {**INRANK_KWARGS, "keep_base": True, "growth": "zero"}, keeps_function_at_init=True,
                       exported_numel=dense_numel, factored_export=False, scheduled=frozenset({"grow", "switch"}),
                       run_state={"switched": True}, resume_at=(4, 7)), id="inrank-base"),
     pytest.param(Case(TDLRT, {**TDLRT_KWARGS, "augment_every": 2}, keeps_function_at_init=False,

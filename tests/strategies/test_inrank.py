@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lr_lightning.callbacks import LowRankCallback, RankMonitor
 from lr_lightning.layers.incremental import IncrementalLinear
+from lr_lightning.models.gpt import GPT, GPTConfig
 from lr_lightning.strategies.inrank import InRank, explained_ratio, select_rank
 
 TEACHER_RANK = 4
@@ -75,19 +76,71 @@ def test_explained_ratios_match_the_reference_formulas():
     assert explained_ratio(torch.zeros(3), 1, size=20) == 1.0  # nothing to explain: no growth
 
 
-def test_select_rank_is_the_smallest_passing_k_never_below_the_current_rank_and_capped():
+def test_select_rank_is_the_smallest_k_strictly_above_the_threshold_never_below_the_rank_and_capped():
     s = torch.tensor([5.0, 4.0, 3.0, 0.01, 0.01, 0.0])
     assert select_rank(s, 1, 6, 0.99, 20, "energy") == 3
     assert select_rank(s, 4, 6, 0.99, 20, "energy") == 4  # already past: stays
-    assert select_rank(s, 1, 2, 0.99, 20, "energy") == 2  # the cap wins
+    assert select_rank(s, 1, 2, 0.99, 20, "energy") == 1  # the scan stops one short of the limit
+    assert select_rank(s, 1, 5, 0.999999, 20, "energy") == 4  # nothing passes: limit - 1
     assert select_rank(s, 1, 6, 0.4, 20, "energy") == 1  # 25 / 50 of the energy
+    assert select_rank(torch.tensor([4.0, 3.0]), 1, 3, 16 / 25, 20, "energy") == 2  # equal is not enough
+
+
+def _reference_rank(layer: IncrementalLinear, threshold: float, max_modes: int) -> int:
+    """The released code's ``_rank_determination`` on ``layer``: full ``svdvals`` of ``(B A)ᵀ``, the
+    tail-variance ratio, ``k`` from ``r`` to ``min(r + b, R_max - b) - 1``, the first with a ratio ``> threshold``."""
+    r, b = layer.rank, layer.buffer
+    matrix = layer.A.detach()[:r + b].T @ layer.B.detach()[:, :r + b].T
+    s = torch.linalg.svdvals(matrix.float())
+    for index in range(r, min(r + b, max_modes - b)):
+        kept = s.clone()
+        kept[index:] = 0
+        if 1 - torch.var(s - kept) / torch.var(s) > threshold:
+            break
+    return index
+
+
+def test_reference_growth_selects_the_released_codes_rank_at_every_check():
+    """Spectra of the layer as the reference code would see them, check after check from a random init."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(96, 80))
+    strategy = InRank(init_rank=2, buffer=8, warmup_steps=0, check_every=1, switch_epoch=None)
+    strategy.apply(module)
+    layer = module[0]
+    assert layer.capacity == 40 and layer.A[10:].abs().min() > 0  # all of R_max = min(m, n) / 2 is random
+    seen = []
+    for step in range(1, 8):
+        expected = _reference_rank(layer, 0.9, layer.capacity)
+        strategy.grow(module, step)
+        assert layer.rank == expected
+        seen.append(expected)
+    assert len(set(seen)) >= 4  # the checks really moved the rank
+
+
+def test_reference_growth_keeps_raising_the_rank_of_the_tiny_gpt_from_its_random_init():
+    """Turned on as they are, new random columns show in the next spectrum; zero-started ones never do."""
+    ranks = {}
+    for growth in ("reference", "zero"):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=64))
+        strategy = InRank(init_rank=2, buffer=8, warmup_steps=0, check_every=1, growth=growth,
+                          target_modules=["*.mlp.*"], switch_epoch=None)
+        strategy.apply(model)
+        history = []
+        for step in range(1, 5):
+            strategy.grow(model, step)
+            history.append([layer.rank for _, layer in strategy.layers(model)])
+        ranks[growth] = history
+    for before, after in zip(ranks["reference"], ranks["reference"][1:]):
+        assert all(a > b for a, b in zip(after, before))
+    assert all(r > 2 for r in ranks["zero"][0]) and ranks["zero"][-1] == ranks["zero"][0]
 
 
 @pytest.mark.parametrize(("keep_base", "ratio"), [(False, "variance"), (True, "energy")])
 def test_rank_grows_from_init_rank_to_the_teacher_rank_and_never_decreases(keep_base, ratio, tmp_path):
     """Within the buffer logic: r settles at exactly the teacher's rank, the forward uses r + buffer columns."""
     strategy = InRank(init_rank=2, buffer=4, max_rank=16, warmup_steps=20, check_every=5, ratio=ratio,
-                      keep_base=keep_base, switch_epoch=None)
+                      keep_base=keep_base, growth="zero" if keep_base else "reference", switch_epoch=None)
     monitor = RankMonitor(every_n_steps=5, plot_path=str(tmp_path / "ranks.png"))
     torch.manual_seed(0)
     module = Regression()
@@ -212,8 +265,10 @@ def test_checkpoint_after_the_switch_resumes_the_compact_layer_exactly(tmp_path)
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
 
 
-def test_growth_is_identical_for_two_replicas(tiny_mlp):
-    strategies = [InRank(init_rank=1, buffer=2, max_rank=8, warmup_steps=0, check_every=1) for _ in range(2)]
+@pytest.mark.parametrize("growth", ["reference", "zero"])
+def test_growth_is_identical_for_two_replicas(growth, tiny_mlp):
+    strategies = [InRank(init_rank=1, buffer=2, max_rank=8, warmup_steps=0, check_every=1, growth=growth)
+                  for _ in range(2)]
     models = []
     for strategy, global_seed in zip(strategies, (1, 2)):
         model = strategy.apply(copy.deepcopy(tiny_mlp))
@@ -245,6 +300,8 @@ def test_converts_the_selected_layers_and_logs_total_ranks(tiny_mlp):
     ({"max_rank": 0}, ValueError, "max_rank must be an int >= 1"),
     ({"switch_step": 0}, ValueError, "switch_step must be an int >= 1 or None"),
     ({"switch_epoch": -1}, ValueError, "switch_epoch must be an int >= 0 or None"),
+    ({"growth": "random"}, ValueError, r"growth must be one of \('reference', 'zero'\)"),
+    ({"keep_base": True}, ValueError, "keep_base=True .* needs growth='zero'"),
 ])
 def test_bad_arguments_name_the_parameter(kwargs, error, message):
     with pytest.raises(error, match=message):

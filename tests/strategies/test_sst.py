@@ -1,16 +1,23 @@
+import importlib
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
-from conftest import RecordingAdamW
+import yaml
+from conftest import REPO, RecordingAdamW
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lr_lightning.callbacks import LowRankCallback
 from lr_lightning.callbacks.lowrank import role_map
 from lr_lightning.layers import SpectralLinear
-from lr_lightning.strategies import SST
+from lr_lightning.strategies import SST, strategy_from_config
+from lr_lightning.strategies.base import resolve_rank
 from lr_lightning.tasks import LanguageModelingTask
 
 TINY = {"vocab_size": 32, "block_size": 16, "n_layer": 2, "n_head": 2, "model_dim": 32, "warmup_steps": 2}
+SST_CONFIGS = sorted((REPO / "configs").glob("*/sst.yaml"))
 
 
 def _loader() -> DataLoader:
@@ -112,6 +119,96 @@ def test_round_end_re_factors_with_orthonormal_bases(tiny_mlp):
         for basis in layer.bases():
             assert (basis.mT @ basis - torch.eye(basis.shape[1])).abs().max() < 1e-5
     torch.testing.assert_close(tiny_mlp(x), before, atol=1e-5, rtol=1e-5)
+
+
+def _adam_steps(model, strategy: SST, optimizer: torch.optim.Optimizer, steps: range) -> None:
+    for step in steps:
+        optimizer.zero_grad()
+        model(torch.randint(0, 11, (8, 5))).logsumexp(-1).mean().backward()
+        optimizer.step()
+        strategy.after_optimizer_step(model, step)
+
+
+def test_round_end_resets_the_moments_of_s_and_other_draws_keep_them(tiny_mlp):
+    """A re-SVD re-sorts ``s``, so Adam's ``m``, ``v`` and step of ``s`` restart at 0; a plain draw keeps them."""
+    strategy = SST(rank=4, iteration_interval=2, round_length=2, restart_warmup_steps=0)
+    strategy.apply(tiny_mlp)
+    optimizer = torch.optim.Adam(strategy.param_groups(tiny_mlp), lr=1e-2)
+    _adam_steps(tiny_mlp, strategy, optimizer, range(1, 3))
+    states = [optimizer.state[layer.s] for layer in _spectral(tiny_mlp)]
+    kept = [{key: value.clone() for key, value in state.items()} for state in states]
+    for edit in strategy.resvd(tiny_mlp, 2):  # draw 1 of a 2-draw round: no re-SVD
+        edit.apply_(optimizer)
+    for state, before in zip(states, kept):
+        assert state["exp_avg"].abs().max() > 0 and state["exp_avg_sq"].max() > 0
+        assert all(torch.equal(state[key], value) for key, value in before.items())
+    _adam_steps(tiny_mlp, strategy, optimizer, range(3, 5))
+    for edit in strategy.resvd(tiny_mlp, 4):  # draw 2: the round ends
+        edit.apply_(optimizer)
+    for state in states:
+        assert state["exp_avg"].abs().max() == 0 and state["exp_avg_sq"].abs().max() == 0
+        assert float(state["step"]) == 0
+
+
+def _max_drift(layer: SpectralLinear) -> float:
+    """``max |B^T B - I|`` over both bases: 0 right after a re-SVD."""
+    return max(float((b.mT @ b - torch.eye(b.shape[1])).abs().max()) for b in map(torch.Tensor.detach, layer.bases()))
+
+
+@pytest.mark.parametrize(("in_features", "out_features", "rank", "draws"), [
+    (128, 256, 16, 8),  # m' = 128 = 8 r
+    (30, 20, 6, 4),  # m' = 20: ceil(20 / 6) = 4, not floor 3
+])
+def test_default_round_re_factors_after_ceil_capacity_over_rank_draws(in_features, out_features, rank, draws):
+    """``round_length=None``: a layer re-factors every ``T2 = ceil(m' / r)`` draws, at no draw before."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(in_features, out_features))
+    strategy = SST(rank=rank, iteration_interval=10, restart_warmup_steps=0)
+    strategy.apply(model)
+    layer = model[0]
+    assert strategy.rounds_of(layer) == draws
+    assert strategy.operations(model)["resvd"] == 10 * draws
+    with torch.no_grad():  # what training does between re-SVDs: the active columns move independently
+        layer.U_active.add_(0.1 * torch.randn_like(layer.U_active))
+        layer.V_active.add_(0.1 * torch.randn_like(layer.V_active))
+    layer.project_()
+    drifted = [b.clone() for b in layer.bases()]
+    assert _max_drift(layer) > 1e-3
+    for draw in range(1, draws):
+        strategy.resvd(model, 10 * draw)
+        assert all(torch.equal(a, b) for a, b in zip(layer.bases(), drifted))
+    strategy.resvd(model, 10 * draws)
+    assert _max_drift(layer) < 1e-5
+
+
+def _planned_steps(config: dict) -> int:
+    """The run's optimizer steps: ``max_steps``, else ``max_epochs`` times the batches per epoch of its data."""
+    trainer = config["trainer"]
+    if trainer.get("max_steps", -1) > 0:
+        return trainer["max_steps"]
+    data = config["data"]
+    module, _, name = data["class_path"].rpartition(".")
+    batches = len(getattr(importlib.import_module(module), name)(**data.get("init_args", {})).train_dataloader())
+    return trainer["max_epochs"] * batches // trainer.get("accumulate_grad_batches", 1)
+
+
+@pytest.mark.parametrize("path", SST_CONFIGS, ids=lambda p: p.parent.name)
+def test_shipped_config_re_factors_twice_with_training_after_each(path: Path):
+    """``2 T3 T2 < planned steps``, ``T2`` the draws per round of the longest round: a ``model_dim x model_dim``
+    layer's for the sequence models (built without their optional extras), the built model's otherwise."""
+    config = yaml.safe_load(path.read_text())
+    init_args = config["model"]["init_args"]
+    strategy = strategy_from_config(init_args["strategy"])
+    if "model_dim" in init_args:
+        width = init_args["model_dim"]  # every converted layer maps to or from model_dim, so its m' <= model_dim
+        widest = SpectralLinear(width, width, resolve_rank(strategy.rank, width, width, "widest"))
+        period = strategy.iteration_interval * strategy.rounds_of(widest)
+    else:
+        module, _, name = config["model"]["class_path"].rpartition(".")
+        task_args = {k: v for k, v in init_args.items() if k not in ("strategy", "optimizer")}
+        task = getattr(importlib.import_module(module), name)(strategy=strategy, **task_args)
+        period = strategy.operations(task)["resvd"]
+    assert 2 * period < _planned_steps(config)
 
 
 def test_equal_seeds_draw_equal_samples_on_separate_processes_of_a_run(tiny_mlp):

@@ -521,3 +521,89 @@ def test_a_closure_less_faithful_step_is_a_clear_error():
     optimizer = strategy.wrap_optimizer(torch.optim.SGD(strategy.param_groups(model), lr=0.1), model)
     with pytest.raises(RuntimeError, match="needs a closure.*'bf16-mixed'"):
         optimizer.step()
+
+
+class ConvNet(nn.Module):
+    """A Conv2d (four bases with ``spatial_rank``) and a Linear to factor, and a head (kept dense)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 4 * 4, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(F.relu(self.fc(F.relu(self.conv(x)).flatten(1))))
+
+
+@pytest.mark.parametrize("moments", ["transport", "reset"])
+def test_every_faithful_k_step_is_adams_first_step_and_only_the_bases_state_is_reset(moments):
+    """The ``K_i`` change coordinates every integrator step, so their Adam state is reset after each one: during
+    every K-step (not only the first) the bases' state is Adam's first step on that step's gradient ``g``
+    (``step = 1``, ``m = (1 - beta1) g``, ``v = (1 - beta2) g^2``) and ``K^1 - K^0`` is the update a fresh Adam
+    applies to ``g``; after every step the bases' state is zero, while the cores keep their ``moments`` policy
+    and the dense head its moments."""
+    torch.manual_seed(0)
+    model = ConvNet()
+    strategy = TDLRT(tau=0.1, init_rank=2, max_rank=4, variant="faithful", spatial_rank=2, moments=moments)
+    strategy.apply(model)  # the head stays dense
+    layers = [layer for _, layer in strategy.tucker_layers(model)]
+    bases = [b for layer in layers for b in layer.basis_parameters()]
+    assert len(bases) == 4 + 2
+    lr, betas, eps = 1e-2, (0.9, 0.999), 1e-8
+    optimizer = strategy.wrap_optimizer(torch.optim.Adam(strategy.param_groups(model), lr=lr, betas=betas, eps=eps),
+                                        model)
+    increments = {}  # basis -> K^1 - K^0 of the current step
+
+    def recording(layer):
+        end_k_step = layer.end_k_step_
+
+        def end_k_step_(**kwargs):
+            stepped = end_k_step(**kwargs)
+            increments.update({layer.basis(mode): k for mode, k in enumerate(stepped) if k is not None})
+            return stepped
+        return end_k_step_
+
+    for layer in layers:
+        layer.end_k_step_ = recording(layer)
+    x, y = torch.randn(4, 3, 4, 4), torch.randn(4, 2)
+    passes, gradients, k_states = [], {}, {}
+
+    def closure():
+        if passes and passes[-1] == "K":  # the Galerkin pass: the K-step has stepped, the bases are restored
+            k_states.update({b: {k: v.clone() for k, v in optimizer.state[b].items()} for b in bases})
+        passes.append("G" if passes and passes[-1] == "K" else "K")
+        optimizer.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        if passes[-1] == "K":
+            gradients.update({b: b.grad.clone() for b in bases})
+        return loss
+
+    for step in range(1, 4):
+        increments.clear(), gradients.clear(), k_states.clear()
+        optimizer.step(closure)
+        assert passes == ["K", "G"] * step
+        for basis in bases:
+            g, state = gradients[basis], k_states[basis]
+            assert state["step"].item() == 1  # without the reset: the step number
+            torch.testing.assert_close(state["exp_avg"], (1 - betas[0]) * g, atol=1e-7, rtol=1e-5)
+            torch.testing.assert_close(state["exp_avg_sq"], (1 - betas[1]) * g.square(), atol=1e-10, rtol=1e-5)
+            fresh = torch.zeros_like(g, requires_grad=True)
+            fresh.grad = g.clone()
+            torch.optim.Adam([fresh], lr=lr, betas=betas, eps=eps).step()
+            increment = increments[basis]
+            assert increment.abs().max() > 0.5 * lr  # a normalised-gradient step, about lr per entry
+            torch.testing.assert_close(increment, fresh.detach()[:, : increment.shape[1]], atol=1e-6, rtol=1e-4)
+            state = optimizer.state[basis]  # after the truncation: reset in place
+            assert state["step"].item() == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+            assert state["exp_avg"] is not k_states[basis]["exp_avg"]
+        for layer in layers:
+            core = optimizer.state[layer.core]
+            if moments == "transport":  # kept through the step's augmentation and truncation
+                assert core["step"].item() == step and core["exp_avg"].any() and core["exp_avg_sq"].any()
+            else:
+                assert core["step"].item() == 0 and not core["exp_avg"].any()
+        head = optimizer.state[model.head.weight]
+        assert head["step"].item() == step and head["exp_avg"].any()
+
