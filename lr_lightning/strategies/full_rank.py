@@ -9,7 +9,7 @@ from lr_lightning.strategies.base import LowRankStrategy
 
 
 class FullRank(LowRankStrategy):
-    """Dense training; the selected layers are reported at rank ``min(m, n)`` and left unchanged."""
+    """Dense training; the selected ``nn.Linear`` layers are reported at rank ``min(m, n)`` and left unchanged."""
 
     layer_types = ()
     """None: any factorized layer in the model was converted by another strategy, and ``select`` refuses it."""

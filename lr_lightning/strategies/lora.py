@@ -12,6 +12,9 @@ from lr_lightning.strategies.base import LowRankStrategy, check_rank_argument, l
 class LoRA(LowRankStrategy):
     """Train only ``B`` (zero at init) and ``A`` (Kaiming); ``W0`` stays at its random init.
 
+    Converts ``nn.Linear`` layers only (``module_types``): convolutions stay dense (the LoRA and
+    ReLoRA papers factor linear maps only), never half-converted.
+
     Args:
         rank: ``r`` as an int, or a float fraction of ``min(m, n)`` per layer.
         alpha: Scale numerator; the update is ``(alpha / r) B A``.

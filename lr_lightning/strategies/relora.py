@@ -15,6 +15,8 @@ from lr_lightning.strategies.lora import LoRA
 class ReLoRA(LoRA):
     """Every ``merge_every`` optimizer steps: ``W0 <- W0 + (alpha / r) B A``, new ``A``, ``B = 0``.
 
+    Like :class:`LoRA` it converts ``nn.Linear`` layers only; convolutions stay dense.
+
     After each merge the optimizer state of ``A`` and ``B`` is reset (``reset``) and the learning
     rate of every group re-warms linearly from 0 over ``restart_warmup_steps`` (a multiplier on the
     task's schedule, which gives ReLoRA's jagged cosine). With ``warm_start_steps > 0`` the model
