@@ -131,6 +131,7 @@ def run(method: str, label: str, overrides: dict[str, Any], seed: int, data: Ima
     task = build_task(method, overrides, total)
     fit = trainer(args.steps or -1, args.epochs, args.test_batches)
     fit.fit(task, data)
+    task.strategy.run(task, task.strategy.operations_to_finish(fit.global_step), fit.global_step)
     result = fit.test(task, data, verbose=False)[0]
     report = task.last_compression_report.to_dict()
     return {"method": method, "setting": label, "overrides": overrides, "seed": seed, "steps": fit.global_step,
@@ -202,6 +203,7 @@ def pipeline(args: argparse.Namespace, notes: list[str]) -> list[dict[str, Any]]
                               image_size=32, num_classes=10)
             fit = trainer(args.pipeline_steps, -1, args.test_batches)
             fit.fit(task, data)
+            task.strategy.run(task, task.strategy.operations_to_finish(fit.global_step), fit.global_step)
             result = fit.test(task, data, verbose=False)[0]
             report = task.last_compression_report.to_dict()
             results.append({"architecture": architecture, "method": method, "steps": fit.global_step,

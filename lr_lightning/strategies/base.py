@@ -463,6 +463,11 @@ class LowRankStrategy:
         """The operations due once training epoch ``epoch`` (0-based) has ended."""
         return []
 
+    def operations_to_finish(self, step: int) -> list[str]:
+        """The operations that complete a cycle a run stopped inside of after ``step`` optimizer steps. Training never
+        runs them (a resumed run must continue the cycle); run them before reporting or exporting a finished run."""
+        return []
+
     def run(self, model: nn.Module, operations: list[str], step: int) -> list[StateEdit]:
         """Run the named operations in order after ``step`` optimizer steps; return their optimizer-state edits."""
         known = self.operations(model)

@@ -210,6 +210,12 @@ class TDLRT(LowRankStrategy):
         return ["truncate"] if self.variant == "cheap" and step > 0 and step % self.augment_every == 0 else []
 
     @override
+    def operations_to_finish(self, step: int) -> list[str]:
+        """Cheap variant stopped between an augmentation and its truncation: ``truncate`` (the cores otherwise
+        keep the augmented, up to doubled, ranks in reports and exports)."""
+        return ["truncate"] if self.variant == "cheap" and step % self.augment_every else []
+
+    @override
     def param_groups(self, model: nn.Module, weight_decay: float | None = None) -> list[dict[str, Any]]:
         """:meth:`LowRankStrategy.param_groups` without the ``basis`` group in the cheap variant: its bases
         never take an optimizer step, so they get no optimizer state (a distributed checkpoint then

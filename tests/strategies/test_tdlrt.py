@@ -607,3 +607,10 @@ def test_every_faithful_k_step_is_adams_first_step_and_only_the_bases_state_is_r
         head = optimizer.state[model.head.weight]
         assert head["step"].item() == step and head["exp_avg"].any()
 
+
+def test_a_run_stopped_inside_a_cheap_cycle_is_finished_by_its_truncation():
+    """Augmented before step 5 of a 4-step cycle, stopped after step 6: the pending truncation finishes it."""
+    cheap = TDLRT(augment_every=4)
+    assert cheap.operations_to_finish(6) == ["truncate"]
+    assert cheap.operations_to_finish(8) == []  # the cycle's own truncation already ran after step 8
+    assert TDLRT(variant="faithful").operations_to_finish(6) == []  # truncates inside every step
