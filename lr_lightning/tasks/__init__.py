@@ -6,10 +6,11 @@ it needs fairseq2, which the other tasks and ``import lr_lightning.tasks`` do no
 
 from typing import Any
 
+from lr_lightning.optim_riemannian import RiemannianAdamW
 from lr_lightning.tasks.base import StrategyTask
 from lr_lightning.tasks.image_classification import CompressionReport, ImageClassificationTask
 from lr_lightning.tasks.language_modeling import LanguageModelingTask
-from lr_lightning.tasks.node_classification import NodeClassificationTask, RiemannianAdamW
+from lr_lightning.tasks.node_classification import NodeClassificationTask
 
 __all__ = ["StrategyTask", "LanguageModelingTask", "NodeClassificationTask", "RiemannianAdamW",
            "ImageClassificationTask", "CompressionReport", "TranslationTask"]

@@ -9,12 +9,14 @@ from typing import Any
 
 import lightning as L
 import torch
+from geoopt.optim.mixin import OptimMixin
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from typing_extensions import override
 
 from lr_lightning.callbacks import LowRankCallback
 from lr_lightning.callbacks.lowrank import CHECKPOINT_KEY
+from lr_lightning.optim_riemannian import is_manifold_point
 from lr_lightning.schedules import warmup_cosine
 from lr_lightning.strategies import FullRank, LowRankStrategy, strategy_from_config
 
@@ -50,12 +52,31 @@ class StrategyTask(L.LightningModule):
         self.strategy.apply(self)
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """The optimizer's parameter groups: the strategy's (each tagged with its ``lowrank_role``)."""
-        return self.strategy.param_groups(self)
+        """The optimizer's parameter groups: the strategy's (each tagged with its ``lowrank_role``), with any
+        ``ManifoldParameter`` points moved into a ``manifold`` group without weight decay."""
+        groups = []
+        for group in self.strategy.param_groups(self):
+            euclidean = [p for p in group["params"] if not is_manifold_point(p)]
+            if euclidean:
+                groups.append({**group, "params": euclidean})
+        points = [p for p in self.parameters() if p.requires_grad and is_manifold_point(p)]
+        if points:
+            groups.append({"params": points, "lowrank_role": "manifold", "weight_decay": 0.0})
+        return groups
 
     def build_optimizer(self) -> torch.optim.Optimizer:
-        """The optimizer factory called with :meth:`param_groups`."""
-        return self.optimizer_factory(self.param_groups())
+        """The optimizer factory called with :meth:`param_groups`; with manifold points it must keep them on their
+        manifold (a geoopt optimizer such as :class:`RiemannianAdamW`), and hold all of them."""
+        optimizer = self.optimizer_factory(self.param_groups())
+        expected = sum(is_manifold_point(p) for p in self.parameters() if p.requires_grad)
+        held = sum(len(g["params"]) for g in optimizer.param_groups if g.get("lowrank_role") == "manifold")
+        if held != expected:
+            raise RuntimeError(f"the model had {expected} ManifoldParameter(s) but {held} remain: the distributed "
+                               f"strategy replaced them (FSDP drops the class); use DDP or a single device")
+        if held and not isinstance(optimizer, OptimMixin):
+            raise TypeError(f"optimizer {type(optimizer).__name__} would move the manifold points off the manifold: "
+                            f"use lr_lightning.optim_riemannian.RiemannianAdamW or a geoopt optimizer")
+        return optimizer
 
     def total_steps(self) -> int | None:
         """Optimizer steps of the whole run, or ``None`` if it has no planned end (``max_steps=-1``, no epoch limit)."""

@@ -1,27 +1,16 @@
 """``NodeClassificationTask``: full-batch node classification, hyperbolic (HyboNet) or Euclidean GCN, with a strategy.
 
-One optimizer steps everything, so Lightning's automatic optimization, the strategies' in-place
-optimizer-state resets and ReLoRA's or SST's per-group LR schedule work unchanged:
-:class:`RiemannianAdamW` applies geoopt's ``RiemannianAdam`` step to every ``ManifoldParameter``
-(the class prototypes on the hyperboloid) and AdamW's decoupled step to every other tensor. Two
-optimizers would need manual optimization, where ``trainer.global_step`` counts both and shifts
-every strategy's schedule; one ``RiemannianAdam`` over all tensors would give the Euclidean
-weights coupled L2 decay instead of AdamW's and keep its step count as an int that a strategy's
-state reset cannot zero.
+The class prototypes are ``geoopt.ManifoldParameter`` points; :class:`StrategyTask` puts them in their own
+parameter group and the default :class:`lr_lightning.optim_riemannian.RiemannianAdamW` keeps them on the hyperboloid.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import partial
-from typing import Any, Literal
+from typing import Literal
 
-import geoopt
 import torch
 import torch.nn.functional as F
-from geoopt import ManifoldParameter, ManifoldTensor
-from geoopt.optim.mixin import OptimMixin
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
@@ -30,6 +19,7 @@ from typing_extensions import override
 from lr_lightning.data.graphs import Graph
 from lr_lightning.models.gcn import GCN
 from lr_lightning.models.hyperbolic import HyboNet
+from lr_lightning.optim_riemannian import RiemannianAdamW
 from lr_lightning.strategies import LowRankStrategy
 from lr_lightning.tasks.base import StrategyTask
 
@@ -37,61 +27,6 @@ Architecture = Literal["hybonet", "gcn"]
 ARCHITECTURES: tuple[str, ...] = ("hybonet", "gcn")
 Loss = Literal["cross_entropy", "margin"]
 LOSSES: tuple[str, ...] = ("cross_entropy", "margin")
-
-
-def is_manifold_point(p: torch.Tensor) -> bool:
-    """Whether ``p`` lives on a manifold that a Riemannian step must respect."""
-    return isinstance(p, (ManifoldParameter, ManifoldTensor))
-
-
-@contextmanager
-def hidden_gradients(params: list[torch.Tensor]) -> Iterator[None]:
-    """Set ``p.grad = None`` for ``params`` inside the block (optimizers skip them), restore afterwards."""
-    saved = [p.grad for p in params]
-    for p in params:
-        p.grad = None
-    try:
-        yield
-    finally:
-        for p, grad in zip(params, saved):
-            p.grad = grad
-
-
-class RiemannianAdamW(geoopt.optim.RiemannianAdam):
-    """AdamW on Euclidean tensors, geoopt's RiemannianAdam on ``ManifoldParameter`` points, in one optimizer.
-
-    Euclidean: ``p <- p - lr (m_hat / (sqrt(v_hat) + eps) + lambda p)`` (``torch.optim.Adam`` with
-    decoupled decay). Points: ``g <- egrad2rgrad(p, grad)``, Adam moments, ``p <- retr(p, -lr d)``
-    with the first moment transported, and every ``stabilize`` steps a projection back onto the
-    manifold. Give the points' group ``weight_decay=0`` (``NodeClassificationTask`` does).
-
-    Args:
-        params: Parameters or parameter groups.
-        lr: Learning rate.
-        betas: Adam's ``(beta_1, beta_2)``.
-        eps: Adam's ``eps``.
-        weight_decay: AdamW's decoupled decay ``lambda`` (Euclidean tensors).
-        stabilize: Project the points onto their manifold every this many steps (``None``: never).
-    """
-
-    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, stabilize: int | None = 10) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, stabilize=stabilize,
-                         decoupled_weight_decay=True)
-
-    @override
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        params = [p for group in self.param_groups for p in group["params"]]
-        with hidden_gradients([p for p in params if is_manifold_point(p)]):
-            torch.optim.Adam.step(self)
-        with hidden_gradients([p for p in params if not is_manifold_point(p)]):
-            geoopt.optim.RiemannianAdam.step(self)
-        return loss
 
 
 def margin_loss(logits: torch.Tensor, target: torch.Tensor, margin: float) -> torch.Tensor:
@@ -156,7 +91,6 @@ class NodeClassificationTask(StrategyTask):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.save_hyperparameters(ignore=["strategy", "optimizer"])
         self.install_model()
-        self.manifold_points = sum(is_manifold_point(p) for p in self.parameters())
         metrics = {"acc": partial(MulticlassAccuracy, average="micro"),
                    "f1": partial(MulticlassF1Score, average="macro")}
         self.scores = nn.ModuleDict({f"{split}_{name}": make(num_classes=num_classes)
@@ -213,29 +147,3 @@ class NodeClassificationTask(StrategyTask):
     @override
     def test_step(self, graph: Graph, batch_idx: int) -> None:
         self._evaluate(graph, "test")
-
-    @override
-    def param_groups(self) -> list[dict[str, Any]]:
-        """The strategy's groups, with the manifold points moved into a ``manifold`` group without weight decay."""
-        groups = []
-        for group in self.strategy.param_groups(self):
-            euclidean = [p for p in group["params"] if not is_manifold_point(p)]
-            if euclidean:
-                groups.append({**group, "params": euclidean})
-        points = [p for p in self.parameters() if p.requires_grad and is_manifold_point(p)]
-        if points:
-            groups.append({"params": points, "lowrank_role": "manifold", "weight_decay": 0.0})
-        return groups
-
-    @override
-    def build_optimizer(self) -> torch.optim.Optimizer:
-        """The optimizer over :meth:`param_groups`; it must keep the manifold points on their manifold."""
-        optimizer = super().build_optimizer()
-        held = sum(len(g["params"]) for g in optimizer.param_groups if g.get("lowrank_role") == "manifold")
-        if held != self.manifold_points:
-            raise RuntimeError(f"the model had {self.manifold_points} ManifoldParameter(s) but {held} remain: the "
-                               f"distributed strategy replaced them (FSDP drops the class); use DDP or a single device")
-        if held and not isinstance(optimizer, OptimMixin):
-            raise TypeError(f"optimizer {type(optimizer).__name__} would move the manifold points off the manifold: "
-                            f"use lr_lightning.tasks.node_classification.RiemannianAdamW or a geoopt optimizer")
-        return optimizer
