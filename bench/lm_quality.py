@@ -5,6 +5,7 @@
     python bench/lm_quality.py --only full_rank sst --steps 100 --data ../shared/data/wikitext-2
     python bench/lm_quality.py --tiny --lrs 1e-3 3e-3 1e-2   # a learning-rate sweep per strategy
     python bench/lm_quality.py --only full_rank sst --lrs 3e-3 1e-2 --steps 3000 --model-dim 64 --n-layer 2
+    python bench/lm_quality.py --architecture llama --tiny --only full_rank sst   # the llama-9m LLaMA
 
 Each strategy starts from its shipped ``configs/lm/<name>.yaml`` (optimizer, method hyperparameters,
 model shape) with these overrides, so the comparison is at **equal rank** ``r`` (``--rank``, default
@@ -22,6 +23,11 @@ With ``--lrs`` every strategy is trained at each learning rate (the config's oth
 gives each strategy's best run (lowest final validation loss) with its learning rate and the
 perplexity at every rate, and the plot the best runs' curves. ``--model-dim``, ``--n-layer`` and
 ``--n-head`` change the GPT's shape for every strategy (a smaller model for longer).
+
+``--architecture llama`` trains ``transformers``' LLaMA of preset ``--size`` (default ``llama-9m``) instead, from the
+``configs/lm/llama_<name>.yaml`` configs (full_rank, lora, relora_star, sst, inrank), whose strategies convert the
+seven projections of every decoder layer (InRank: the MLP's three); its vocabulary is the local BPE's and the
+default rank is its hidden size / 8.
 
 The corpus is tokenized once (byte-level BPE with a locally trained vocabulary, cached) and shared by
 every run. The Markdown table (``lm_quality.md``) gives validation loss and perplexity on the
@@ -51,12 +57,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine_summary, markdown_table, optimizer_state_numel, plot_curves  # noqa: E402
 from lr_lightning.data import TextDataModule  # noqa: E402
+from lr_lightning.models.llama import LLAMA_SIZES  # noqa: E402
 from lr_lightning.strategies import LowRankStrategy, strategy_from_config  # noqa: E402
 from lr_lightning.tasks import LanguageModelingTask  # noqa: E402
+from lr_lightning.tasks.language_modeling import DEFAULT_LLAMA_SIZE  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "lm"
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 STRATEGIES = ("full_rank", "lora", "relora_star", "sst", "inrank", "tdlrt", "svd_training")
+LLAMA_STRATEGIES = ("full_rank", "lora", "relora_star", "sst", "inrank")
+"""The strategies with a ``configs/lm/llama_<name>.yaml``."""
 TABLE_HEADER = ("strategy", "lr", "val loss", "val ppl", "ppl per lr", "trainable params", "optimizer state",
                 "wall time", "final ranks (total / full)")
 
@@ -85,11 +95,12 @@ TINY = Budget(steps=300, val_every=50, val_batches=10, final_val_batches=40)
 FULL = Budget(steps=1000, val_every=100, val_batches=20, final_val_batches=155)
 
 
-def load_config(name: str) -> dict[str, Any]:
-    """``configs/lm/<name>.yaml`` as a dict."""
-    path = CONFIGS / f"{name}.yaml"
+def load_config(name: str, architecture: str = "gpt") -> dict[str, Any]:
+    """``configs/lm/<name>.yaml`` (``llama_<name>.yaml`` for ``architecture="llama"``) as a dict."""
+    path = CONFIGS / (f"llama_{name}.yaml" if architecture == "llama" else f"{name}.yaml")
     if not path.is_file():
-        raise FileNotFoundError(f"no config {path}; allowed strategies: {STRATEGIES}")
+        allowed = LLAMA_STRATEGIES if architecture == "llama" else STRATEGIES
+        raise FileNotFoundError(f"no config {path}; allowed strategies: {allowed}")
     return yaml.safe_load(path.read_text())
 
 
@@ -108,18 +119,20 @@ def strategy_overrides(name: str, rank: int, steps: int, interval: int) -> dict[
     }[name]
 
 
-def build_strategy(name: str, rank: int, steps: int, interval: int) -> LowRankStrategy:
+def build_strategy(name: str, rank: int, steps: int, interval: int, architecture: str = "gpt") -> LowRankStrategy:
     """Strategy ``name`` from its config with :func:`strategy_overrides` applied."""
-    config = load_config(name)["model"]["init_args"]["strategy"]
+    config = load_config(name, architecture)["model"]["init_args"]["strategy"]
     init_args = {**config.get("init_args", {}), **strategy_overrides(name, rank, steps, interval)}
     return strategy_from_config({"class_path": config["class_path"], "init_args": init_args})
 
 
 def build_task(name: str, strategy: LowRankStrategy, vocab_size: int, budget: Budget, lr: float | None = None,
-               shape: dict[str, int] | None = None) -> LanguageModelingTask:
+               shape: dict[str, int] | None = None, size: str | None = None) -> LanguageModelingTask:
     """The config's GPT and AdamW around ``strategy``, with the vocabulary of the tokenizer; ``lr`` and
-    ``shape`` (``n_layer``, ``n_head``, ``model_dim``) replace the config's where given."""
-    model_args = load_config(name)["model"]["init_args"]
+    ``shape`` (``n_layer``, ``n_head``, ``model_dim``) replace the config's where given. With ``size``, the
+    ``llama_<name>.yaml`` config's LLaMA at that preset instead."""
+    architecture = "gpt" if size is None else "llama"
+    model_args = load_config(name, architecture)["model"]["init_args"]
     optimizer = model_args["optimizer"]
     if optimizer["class_path"] != "torch.optim.AdamW":
         raise ValueError(f"configs/lm/{name}.yaml: the benchmark expects torch.optim.AdamW, "
@@ -128,11 +141,11 @@ def build_task(name: str, strategy: LowRankStrategy, vocab_size: int, budget: Bu
     kwargs["betas"] = tuple(kwargs.get("betas", (0.9, 0.999)))
     if lr is not None:
         kwargs["lr"] = lr
-    config_shape = {k: model_args[k] for k in ("n_layer", "n_head", "model_dim") if k in model_args}
+    model = ({"architecture": "llama", "size": size} if size is not None else
+             {**{k: model_args[k] for k in ("n_layer", "n_head", "model_dim") if k in model_args}, **(shape or {})})
     return LanguageModelingTask(strategy=strategy, optimizer=lambda groups: torch.optim.AdamW(groups, **kwargs),
                                 vocab_size=vocab_size, block_size=budget.seq_len,
-                                warmup_steps=min(model_args.get("warmup_steps", 50), budget.steps // 10),
-                                **{**config_shape, **(shape or {})})
+                                warmup_steps=min(model_args.get("warmup_steps", 50), budget.steps // 10), **model)
 
 
 class ValidationCurve(L.Callback):
@@ -155,11 +168,14 @@ def rank_summary(strategy: LowRankStrategy, task: LanguageModelingTask) -> tuple
 
 
 def train(name: str, data: TextDataModule, budget: Budget, rank: int, interval: int, seed: int,
-          progress: bool, lr: float | None = None, shape: dict[str, int] | None = None) -> dict[str, Any]:
-    """Fit strategy ``name`` for ``budget`` on ``data``; return its figures and validation curve."""
+          progress: bool, lr: float | None = None, shape: dict[str, int] | None = None,
+          size: str | None = None) -> dict[str, Any]:
+    """Fit strategy ``name`` for ``budget`` on ``data`` (a LLaMA of preset ``size`` if given); return its figures
+    and validation curve."""
     L.seed_everything(seed, verbose=False)
-    strategy = build_strategy(name, rank, budget.steps, interval)
-    task = build_task(name, strategy, data.tokenizer_vocab_size, budget, lr, shape)
+    architecture = "gpt" if size is None else "llama"
+    strategy = build_strategy(name, rank, budget.steps, interval, architecture)
+    task = build_task(name, strategy, data.tokenizer_vocab_size, budget, lr, shape, size)
     curve = ValidationCurve(budget.tokens_per_step)
     common = {"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
               "enable_model_summary": False, "enable_progress_bar": progress}
@@ -173,7 +189,7 @@ def train(name: str, data: TextDataModule, budget: Budget, rank: int, interval: 
     final = L.Trainer(limit_val_batches=budget.final_val_batches, **common).validate(task, data, verbose=False)[0]
     report = strategy.report(task)
     total_rank, full_rank = rank_summary(strategy, task)
-    lr = lr if lr is not None else load_config(name)["model"]["init_args"]["optimizer"]["init_args"]["lr"]
+    lr = lr if lr is not None else load_config(name, architecture)["model"]["init_args"]["optimizer"]["init_args"]["lr"]
     return {"name": name, "lr": lr, "val_loss": final["val/loss"], "trainable": report.model_trainable,
             "total": report.model_total, "state": state, "seconds": seconds, "rank": total_rank,
             "full_rank": full_rank, "curve": curve.points}
@@ -248,7 +264,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model-dim", type=int, help="GPT width of every strategy (default: the configs')")
     parser.add_argument("--n-layer", type=int, help="GPT depth of every strategy (default: the configs')")
     parser.add_argument("--n-head", type=int, help="attention heads of every strategy (default: the configs')")
-    parser.add_argument("--only", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    parser.add_argument("--only", nargs="+", choices=STRATEGIES,
+                        help="strategies to run (default: every one with a config for --architecture)")
+    parser.add_argument("--architecture", choices=("gpt", "llama"), default="gpt",
+                        help="our GPT (configs/lm/<name>.yaml) or a LLaMA (configs/lm/llama_<name>.yaml)")
+    parser.add_argument("--size", help=f"LLaMA preset of --architecture llama (default {DEFAULT_LLAMA_SIZE}; "
+                                       f"one of {', '.join(LLAMA_SIZES)})")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="WikiText-style folder or a text file")
     parser.add_argument("--tokenizer", choices=("bpe", "byte"), default="bpe")
     parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
@@ -267,6 +288,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.lrs is not None and min(args.lrs) <= 0:
         raise ValueError(f"--lrs must all be > 0, got {args.lrs}")
+    if args.architecture == "llama":
+        args.size = args.size or DEFAULT_LLAMA_SIZE
+        if args.size not in LLAMA_SIZES:
+            raise ValueError(f"--size {args.size!r} is no LLaMA preset; allowed: {', '.join(LLAMA_SIZES)}")
+        shaped = [f"--{k.replace('_', '-')}" for k in ("model_dim", "n_layer", "n_head") if getattr(args, k)]
+        if shaped:
+            raise ValueError(f"{', '.join(shaped)} shape the GPT only; --architecture llama takes its shape "
+                             f"from --size")
+        missing = [name for name in args.only or () if name not in LLAMA_STRATEGIES]
+        if missing:
+            raise ValueError(f"--only {' '.join(missing)}: no configs/lm/llama_<name>.yaml; allowed with "
+                             f"--architecture llama: {', '.join(LLAMA_STRATEGIES)}")
+    elif args.size is not None:
+        raise ValueError("--size names a LLaMA preset: it needs --architecture llama")
+    args.only = args.only or list(LLAMA_STRATEGIES if args.architecture == "llama" else STRATEGIES)
     if not args.data.exists():
         raise FileNotFoundError(f"--data {args.data} does not exist (WikiText-2 lies in ../shared/data/wikitext-2)")
     return args
@@ -279,16 +315,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     overrides = {"steps": args.steps, "val_batches": args.val_batches, "final_val_batches": args.final_val_batches}
     budget = replace(budget, **{k: v for k, v in overrides.items() if v is not None})
     shape = {k: getattr(args, k) for k in ("n_layer", "n_head", "model_dim") if getattr(args, k) is not None}
+    size = args.size if args.architecture == "llama" else None
     model_args = {**load_config("full_rank")["model"]["init_args"], **shape}
-    rank = args.rank or model_args["model_dim"] // 8
+    width = LLAMA_SIZES[size]["hidden_size"] if size else model_args["model_dim"]
+    rank = args.rank or width // 8
     interval = args.interval or max(budget.steps // 6, 1)
     data = TextDataModule(path=str(args.data), tokenizer=args.tokenizer, bpe_vocab_size=args.vocab_size,
                           seq_len=budget.seq_len, batch_size=budget.batch_size, max_chars=args.max_chars)
     data.prepare_data()
     data.setup("fit")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = (f"LLaMA {size} ({LLAMA_SIZES[size]['num_hidden_layers']} layers, width {width})" if size else
+             f"GPT {model_args['n_layer']} layers, width {model_args['model_dim']}")
     notes = [f"WikiText-2-style corpus {args.data.name}, {args.tokenizer} vocabulary {data.tokenizer_vocab_size}; "
-             f"GPT {model_args['n_layer']} layers, width {model_args['model_dim']}; rank {rank}; "
+             f"{model}; rank {rank}; "
              f"{budget.steps} steps x {budget.batch_size} x {budget.seq_len} = {budget.tokens:,} tokens",
              f"Command: `python bench/lm_quality.py {shlex.join(argv if argv is not None else sys.argv[1:])}`",
              f"Machine: {machine_summary(device)}",
@@ -300,7 +340,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for lr in args.lrs or [None]:
             print(f"--- {name}" + ("" if lr is None else f" lr {lr:g}"), flush=True)
             results.append(train(name, data, budget, rank, interval, args.seed, progress=not args.no_progress,
-                                 lr=lr, shape=shape))
+                                 lr=lr, shape=shape, size=size))
             markdown, plot = write_results(results, args.out, notes)
     notes.append(f"Total wall time: {(time.perf_counter() - start) / 60:.1f} min for {len(results)} runs.")
     markdown, plot = write_results(results, args.out, notes)

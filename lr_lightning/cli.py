@@ -2,6 +2,9 @@
 
     lr-lightning fit --config configs/lm/lora.yaml
     lr-lightning fit --config configs/lm/lora.yaml --model.strategy ReLoRA --model.strategy.merge_every 100
+    lr-lightning export --ckpt_path run/checkpoints/last.ckpt --out exported/ [--dense | --compact]
+
+``export`` writes a trained language model as a standalone folder (:mod:`lr_lightning.export`).
 
 The resolved config is written as ``config.yaml`` next to the run's logs (the logger's ``log_dir``) or, without a
 logger, its checkpoints (``<default_root_dir>/checkpoints``), once setup has succeeded; never over a ``--config``
@@ -333,8 +336,14 @@ def run_cli(args: list[str] | None = None, **kwargs: Any) -> LowRankCLI:
 
 def main(args: list[str] | None = None) -> None:
     """The ``lr-lightning`` console script. A distributed ``fit`` that stops at a shrink (SVD training's
-    prune, InRank's switch) goes on as stage 2 from the checkpoint saved there, at the new shapes."""
+    prune, InRank's switch) goes on as stage 2 from the checkpoint saved there, at the new shapes. ``export`` runs
+    :func:`lr_lightning.export.main` on the rest of the arguments."""
     args = list(sys.argv[1:] if args is None else args)
+    if args[:1] == ["export"]:
+        from lr_lightning.export import main as export_main
+
+        export_main(args[1:])
+        return
     cli = run_cli(args)
     while cli.subcommand == "fit" and (checkpoint := stage_two_checkpoint(cli.trainer)) is not None:
         cli = run_cli([*args, "--ckpt_path", checkpoint])

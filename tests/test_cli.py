@@ -264,3 +264,26 @@ def test_an_error_raised_in_training_keeps_its_traceback(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="a bug in training_step"):
         main(["fit", "--config", str(LORA), "--trainer.default_root_dir", str(tmp_path), *TINY,
               "--trainer.num_sanity_val_steps", "0"])
+
+
+LLAMA_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "lm").glob("llama_*.yaml"))
+LLAMA_TINY = ["--model.init_args.size", "llama-tiny", "--model.init_args.block_size", "32", "--data.init_args.seq_len",
+              "32", "--data.init_args.max_chars", "20000", "--data.init_args.bpe_vocab_size", "300",
+              "--model.init_args.vocab_size", "300", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
+              "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
+              "--trainer.enable_model_summary", "false"]
+
+
+@pytest.mark.parametrize("config", LLAMA_CONFIGS, ids=lambda p: p.stem)
+def test_llama_configs_train_a_llama_whose_projections_their_strategy_selects(config, tmp_path):
+    assert {p.stem for p in LLAMA_CONFIGS} >= {f"llama_{s}" for s in ("full_rank", "lora", "relora_star", "sst",
+                                                                     "inrank")}
+    cli_run = cli.run_cli(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path), *LLAMA_TINY])
+    task = cli_run.model
+    assert type(task.model).__name__ == "LlamaForCausalLM" and task.trainer.global_step == 2
+    selected = [row.name.split(".", 4)[-1] for row in task.strategy.report(task).rows]
+    projections = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    if "inrank" not in config.stem:  # InRank converts the MLP only, as its paper
+        projections = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", *projections]
+    assert selected == projections * 2
+    assert type(task.model.lm_head) is torch.nn.Linear

@@ -101,3 +101,32 @@ def test_bad_arguments_fail_before_training(argv, error, corpus):
     argv = argv if "--data" in argv else [*argv, "--data", str(corpus)]
     with pytest.raises(error, match="--"):
         bench.parse_args(argv)
+
+
+def test_llama_run_trains_the_preset_from_the_llama_configs(corpus, tmp_path):
+    argv = ["--architecture", "llama", "--size", "llama-tiny", "--only", "full_rank", "sst", "--steps", "2",
+            "--data", str(corpus), "--tokenizer", "byte", "--val-batches", "1", "--final-val-batches", "1",
+            "--out", str(tmp_path), "--no-progress", "--threads", "1"]
+    full, sst = bench.main(argv)
+    table = (tmp_path / "lm_quality.md").read_text()
+    assert "LLaMA llama-tiny (2 layers, width 64); rank 8;" in table
+    assert full["full_rank"] == sst["full_rank"] == 2 * 7 * 64  # 7 projections per layer, min(m, n) = 64
+    assert sst["rank"] == 2 * 7 * 8 and sst["trainable"] < full["trainable"]
+
+
+def test_llama_strategies_convert_the_llama_projection_names():
+    strategy = bench.build_strategy("lora", 8, 100, 20, "llama")
+    task = bench.build_task("lora", strategy, 300, bench.Budget(steps=100), size="llama-tiny")
+    assert type(task.model).__name__ == "LlamaForCausalLM" and task.hparams.vocab_size == 300
+    assert len(strategy.report(task).rows) == 14
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--architecture", "llama", "--only", "tdlrt"], "no configs/lm/llama_<name>.yaml"),
+    (["--architecture", "llama", "--size", "llama-7m"], "--size 'llama-7m' is no LLaMA preset"),
+    (["--architecture", "llama", "--model-dim", "64"], "--model-dim shape the GPT only"),
+    (["--size", "llama-9m"], "--size names a LLaMA preset: it needs --architecture llama"),
+])
+def test_bad_llama_arguments_fail_before_training(argv, message, corpus):
+    with pytest.raises(ValueError, match=message):
+        bench.parse_args([*argv, "--data", str(corpus)])

@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lr_lightning.data import TextDataModule
 from lr_lightning.layers import LoRALinear
-from lr_lightning.strategies import FullRank, InRank, LoRA, ReLoRA, SVDTraining
+from lr_lightning.strategies import SST, TDLRT, FullRank, InRank, LoRA, ReLoRA, SVDTraining
 from lr_lightning.tasks import LanguageModelingTask
 
 TINY = {"vocab_size": 32, "block_size": 16, "n_layer": 2, "n_head": 2, "model_dim": 32, "warmup_steps": 2}
@@ -103,3 +103,116 @@ def test_validation_reports_perplexity_as_exp_loss(tmp_path):
     trainer = _trainer(tmp_path, max_steps=1)
     [metrics] = trainer.validate(task, _loader(), verbose=False)
     assert metrics["val/ppl"] == pytest.approx(torch.tensor(metrics["val/loss"]).exp().item(), rel=1e-3)
+
+
+LLAMA = {"architecture": "llama", "size": "llama-tiny", "vocab_size": 32, "block_size": 16, "warmup_steps": 2}
+PROJECTIONS = [f"model.model.layers.{i}.{part}" for i in range(2) for part in (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+    "mlp.down_proj")]
+EVERY_STRATEGY = {
+    "full_rank": lambda: FullRank(),
+    "lora": lambda: LoRA(rank=4),
+    "relora": lambda: ReLoRA(rank=4, merge_every=2, restart_warmup_steps=1),
+    "sst": lambda: SST(rank=4, iteration_interval=2, restart_warmup_steps=1),
+    "inrank": lambda: InRank(init_rank=2, buffer=2, max_rank=8, warmup_steps=0, check_every=1, switch_step=2,
+                             switch_epoch=None),
+    "tdlrt": lambda: TDLRT(init_rank=4, max_rank=4, augment_every=2),
+    "svd_training": lambda: SVDTraining(sparsify_at=1, prune_at=2, energy=0.2),
+}
+
+
+@pytest.mark.parametrize("name", EVERY_STRATEGY)
+def test_every_strategy_trains_a_llama_converting_its_seven_projections_per_layer(name, tmp_path):
+    task = LanguageModelingTask(strategy=EVERY_STRATEGY[name](), **LLAMA)
+    assert type(task.model).__name__ == "LlamaForCausalLM"
+    assert [row.name for row in task.strategy.report(task).rows] == PROJECTIONS
+    if name != "full_rank":
+        assert [n for n, _ in task.strategy.layers(task)] == PROJECTIONS
+    assert type(task.model.lm_head) is torch.nn.Linear and type(task.model.model.embed_tokens) is torch.nn.Embedding
+    before = {n: p.detach().clone() for n, p in task.named_parameters()}
+    _trainer(tmp_path, max_steps=4, enable_checkpointing=False).fit(task, _loader())
+    changed = {n for n, p in task.named_parameters() if n in before and not torch.equal(p, before[n])}
+    assert "model.lm_head.weight" in changed and any(".layers.1.mlp." in n for n in changed)
+    assert torch.isfinite(task.trainer.callback_metrics["train/loss"])
+
+
+def test_llama_defaults_to_the_published_vocabulary_and_context_of_its_preset():
+    task = LanguageModelingTask(architecture="llama", size="llama-tiny")
+    assert (task.hparams.vocab_size, task.hparams.block_size) == (32100, 1024)
+    assert task.model.config.vocab_size == 32100 and task.hparams.n_layer is None
+
+
+def test_llama_vocabulary_is_checked_against_the_tokenizer(tmp_path):
+    data = TextDataModule(seq_len=16, batch_size=4, max_chars=20_000)
+    with pytest.raises(ValueError, match=r"vocab_size=32 is smaller than the tokenizer's vocabulary \(256\)"):
+        _trainer(tmp_path, max_steps=1).fit(LanguageModelingTask(**LLAMA), datamodule=data)
+
+
+def test_llama_checkpoint_reloads_with_its_strategy(tmp_path):
+    task = LanguageModelingTask(strategy=SST(rank=4, iteration_interval=2, restart_warmup_steps=1), **LLAMA)
+    trainer = _trainer(tmp_path, max_steps=3, enable_checkpointing=False)
+    trainer.fit(task, _loader())
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    loaded = LanguageModelingTask.load_from_checkpoint(tmp_path / "last.ckpt")
+    assert isinstance(loaded.strategy, SST) and loaded.hparams.size == "llama-tiny"
+    x = torch.randint(0, 32, (2, 16))
+    torch.testing.assert_close(loaded.eval()(x), task.eval()(x))
+
+
+def test_a_gpt_size_preset_shapes_the_gpt_and_explicit_arguments_win():
+    task = LanguageModelingTask(size="tiny", n_layer=3)
+    assert (task.hparams.n_layer, task.hparams.model_dim, task.hparams.block_size) == (3, 64, 64)
+    assert len(task.model.blocks) == 3 and len(task.blocks()) == 3
+
+
+def _opt_config(tmp_path) -> str:
+    from transformers import OPTConfig
+
+    path = tmp_path / "config.json"
+    path.write_text(OPTConfig(hidden_size=32, ffn_dim=64, num_attention_heads=2, num_hidden_layers=2, vocab_size=40,
+                              max_position_embeddings=16, word_embed_proj_dim=32).to_json_string())
+    return str(path)
+
+
+def test_hf_builds_any_causal_lm_from_a_config_and_trains_a_step(tmp_path):
+    task = LanguageModelingTask(architecture="hf", config_path=_opt_config(tmp_path), strategy=LoRA(rank=4),
+                                warmup_steps=1)
+    assert type(task.model).__name__ == "OPTForCausalLM" and (task.hparams.vocab_size, task.hparams.block_size) == (
+        40, 16)
+    converted = [n.removeprefix("model.model.decoder.layers.0.") for n, _ in task.strategy.layers(task)][:6]
+    assert converted == ["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj", "self_attn.out_proj", "fc1",
+                         "fc2"]
+    assert type(task.model.lm_head) is torch.nn.Linear
+    assert [type(b).__name__ for b in task.blocks()] == ["OPTDecoderLayer"] * 2
+    lora_b = task.model.model.decoder.layers[0].fc1.lora_B.detach().clone()
+    _trainer(tmp_path, max_steps=1, enable_checkpointing=False).fit(task, _loader())
+    assert not torch.equal(task.model.model.decoder.layers[0].fc1.lora_B, lora_b)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"architecture": "mamba"}, r"architecture must be one of \('gpt', 'llama', 'hf'\), got 'mamba'"),
+    ({"architecture": "llama", "size": "llama-7m"}, "unknown LLaMA size 'llama-7m'; allowed: llama-tiny, llama-9m"),
+    ({"size": "llama-9m"}, "size 'llama-9m' is no GPT preset; allowed for architecture='gpt': tiny, mini"),
+    ({"architecture": "llama", "n_layer": 2}, "n_layer shape our GPT only"),
+    ({"architecture": "llama", "config_path": "config.json"}, "config_path applies to architecture='hf' only"),
+    ({"architecture": "hf"}, "architecture='hf' needs config_path"),
+    ({"architecture": "hf", "config_path": "/no/such/config.json"}, "config_path '/no/such/config.json' is not"),
+    ({"architecture": "hf", "config_path": "c.json", "size": "llama-9m"}, "size applies to architecture 'gpt'"),
+    ({"architecture": "llama", "vocab_size": 0}, "vocab_size must be a positive int, got 0"),
+])
+def test_bad_architecture_arguments_are_value_errors_naming_the_parameter(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LanguageModelingTask(**kwargs)
+
+
+def test_hf_gpt2_trains_its_conv1d_projections_as_linear_layers(tmp_path):
+    from transformers import GPT2Config
+
+    path = tmp_path / "config.json"
+    path.write_text(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=32, n_positions=16).to_json_string())
+    task = LanguageModelingTask(architecture="hf", config_path=str(path), strategy=LoRA(rank=4), warmup_steps=1)
+    assert [n.removeprefix("model.transformer.h.0.") for n, _ in task.strategy.layers(task)][:4] == [
+        "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    assert task.hparams.block_size == 16 and task.model.lm_head.weight is task.model.transformer.wte.weight
+    _trainer(tmp_path, max_steps=1, enable_checkpointing=False).fit(task, _loader())
+    assert torch.isfinite(task.trainer.callback_metrics["train/loss"])
