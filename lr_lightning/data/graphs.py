@@ -270,7 +270,41 @@ def build_graph(source: GraphSource, split: tuple[torch.Tensor, torch.Tensor, to
     return Graph(x.float(), source.y, edge_index, edge_weight.float(), *split)
 
 
-class GraphDataModule(L.LightningDataModule):
+class FullBatchDataModule(L.LightningDataModule):
+    """One graph as the single batch of every loader; subclasses set ``self.graph`` in ``setup``."""
+
+    graph: Any = None
+
+    @property
+    def num_features(self) -> int:
+        return self._loaded().x.shape[1]
+
+    def _loaded(self) -> Any:
+        if self.graph is None:
+            self.setup()
+        return self.graph
+
+    def _loader(self) -> DataLoader:
+        return DataLoader([self._loaded()], batch_size=None)
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        return self._loader()
+
+    @override
+    def val_dataloader(self) -> DataLoader:
+        return self._loader()
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        return self._loader()
+
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader()
+
+
+class GraphDataModule(FullBatchDataModule):
     """A node-classification graph served whole: every train/val/test batch is the same :class:`Graph`.
 
     Args:
@@ -375,33 +409,5 @@ class GraphDataModule(L.LightningDataModule):
         self.graph = build_graph(source, split, self.normalize_features)
 
     @property
-    def num_features(self) -> int:
-        return self._loaded().x.shape[1]
-
-    @property
     def num_classes(self) -> int:
         return int(self._loaded().y.max()) + 1
-
-    def _loaded(self) -> Graph:
-        if self.graph is None:
-            self.setup()
-        return self.graph
-
-    def _loader(self) -> DataLoader:
-        return DataLoader([self._loaded()], batch_size=None)
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        return self._loader()
-
-    @override
-    def val_dataloader(self) -> DataLoader:
-        return self._loader()
-
-    @override
-    def test_dataloader(self) -> DataLoader:
-        return self._loader()
-
-    @override
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader()

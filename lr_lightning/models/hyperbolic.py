@@ -144,7 +144,51 @@ class LorentzDecoder(nn.Module):
         return 2 * k + 2 * lorentz_inner(x, self.prototypes) + self.bias
 
 
-class HyboNet(nn.Module):
+def lorentz_squared_distance(x: torch.Tensor, y: torch.Tensor, k: float = 1.0) -> torch.Tensor:
+    """``d_L^2(x_i, y_i) = |x_i - y_i|_L^2 = -2k - 2 <x_i, y_i>_L`` per row (squared Lorentzian distance)."""
+    inner = (x[..., 1:] * y[..., 1:]).sum(-1) - x[..., 0] * y[..., 0]
+    return -2 * k - 2 * inner
+
+
+class HyboNetEncoder(nn.Module):
+    """HyboNet without a decoder: ``x -> expmap0((0, x))``, then ``num_layers`` Lorentz graph convolutions.
+
+    Module names ``layers.<i>.transform.linear`` are the matrices a strategy converts; it returns the nodes'
+    points, for link prediction's distance-based decoder (and :class:`HyboNet` adds class prototypes).
+
+    Args:
+        in_features: Node feature width (the points have ``in_features + 1`` coordinates).
+        hidden_dim: Ambient width of the output points (16 means points in ``H^15``).
+        num_layers: Graph convolutions (HyboNet's link-prediction ``num_layers``: 2 means two).
+        dropout: Dropout on the input coordinates of every layer.
+        curvature: ``k`` of the hyperboloid ``<x, x>_L = -k``.
+    """
+
+    def __init__(self, in_features: int, hidden_dim: int, num_layers: int = 2, dropout: float = 0.0,
+                 curvature: float = 1.0) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if curvature <= 0:
+            raise ValueError(f"curvature must be > 0 (the k of <x, x>_L = -k), got {curvature}")
+        self.manifold = geoopt.Lorentz(k=curvature)
+        widths = [in_features + 1] + [hidden_dim] * num_layers
+        self.layers = nn.ModuleList(
+            LorentzGraphConvolution(a, b, dropout, activate_input=i > 0, curvature=curvature)
+            for i, (a, b) in enumerate(zip(widths, widths[1:])))
+
+    def embed(self, x: torch.Tensor, edge_index: torch.Tensor, edge_weight: torch.Tensor) -> torch.Tensor:
+        """The nodes' points on the hyperboloid after the last graph convolution."""
+        h = self.manifold.expmap0(F.pad(x, (1, 0)))
+        for layer in self.layers:
+            h = layer(h, edge_index, edge_weight)
+        return h
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor, edge_weight: torch.Tensor) -> torch.Tensor:
+        return self.embed(x, edge_index, edge_weight)
+
+
+class HyboNet(HyboNetEncoder):
     """Fully hyperbolic GCN: features ``x -> expmap0((0, x))``, ``num_layers`` Lorentz graph convolutions, a decoder.
 
     Module names: ``layers.<i>.transform.linear`` are the ``nn.Linear`` matrices a strategy converts
@@ -162,24 +206,30 @@ class HyboNet(nn.Module):
 
     def __init__(self, in_features: int, hidden_dim: int, num_classes: int, num_layers: int = 2,
                  dropout: float = 0.0, curvature: float = 1.0) -> None:
-        super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        if curvature <= 0:
-            raise ValueError(f"curvature must be > 0 (the k of <x, x>_L = -k), got {curvature}")
-        self.manifold = geoopt.Lorentz(k=curvature)
-        widths = [in_features + 1] + [hidden_dim] * num_layers
-        self.layers = nn.ModuleList(
-            LorentzGraphConvolution(a, b, dropout, activate_input=i > 0, curvature=curvature)
-            for i, (a, b) in enumerate(zip(widths, widths[1:])))
+        super().__init__(in_features, hidden_dim, num_layers, dropout, curvature)
         self.decoder = LorentzDecoder(hidden_dim, num_classes, self.manifold)
-
-    def embed(self, x: torch.Tensor, edge_index: torch.Tensor, edge_weight: torch.Tensor) -> torch.Tensor:
-        """The nodes' points on the hyperboloid after the last graph convolution."""
-        h = self.manifold.expmap0(F.pad(x, (1, 0)))
-        for layer in self.layers:
-            h = layer(h, edge_index, edge_weight)
-        return h
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor, edge_weight: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.embed(x, edge_index, edge_weight))
+
+
+class FermiDiracDecoder(nn.Module):
+    """``p(edge) = 1 / (exp((d^2 - r) / t) + 1) = sigmoid((r - d^2) / t)`` from a squared distance ``d^2``.
+
+    Args:
+        radius: ``r``, the squared distance at which ``p = 1/2`` (HGCN: 2).
+        temperature: ``t``, how sharply ``p`` falls around ``r`` (HGCN: 1).
+    """
+
+    def __init__(self, radius: float = 2.0, temperature: float = 1.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.radius, self.temperature = radius, temperature
+
+    def logit(self, squared_distance: torch.Tensor) -> torch.Tensor:
+        """``(r - d^2) / t``: the log-odds of an edge."""
+        return (self.radius - squared_distance) / self.temperature
+
+    def forward(self, squared_distance: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logit(squared_distance))

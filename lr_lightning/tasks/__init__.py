@@ -10,10 +10,11 @@ from lr_lightning.optim_riemannian import RiemannianAdamW
 from lr_lightning.tasks.base import StrategyTask
 from lr_lightning.tasks.image_classification import CompressionReport, ImageClassificationTask
 from lr_lightning.tasks.language_modeling import LanguageModelingTask
+from lr_lightning.tasks.link_prediction import LinkPredictionTask
 from lr_lightning.tasks.node_classification import NodeClassificationTask
 
 __all__ = ["StrategyTask", "LanguageModelingTask", "NodeClassificationTask", "RiemannianAdamW",
-           "ImageClassificationTask", "CompressionReport", "TranslationTask"]
+           "ImageClassificationTask", "CompressionReport", "TranslationTask", "LinkPredictionTask"]
 
 
 def __getattr__(name: str) -> Any:
