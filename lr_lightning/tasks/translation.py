@@ -20,12 +20,16 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from typing_extensions import override
 
 from lr_lightning.data.translation import BOS, PAD, TranslationTokenizer
+from lr_lightning.models.lorentz_transformer import LorentzTransformer
 from lr_lightning.models.seq2seq import build_transformer
+from lr_lightning.optim_riemannian import RiemannianAdamW
 from lr_lightning.schedules import inverse_sqrt
 from lr_lightning.strategies import LowRankStrategy
 from lr_lightning.tasks.base import StrategyTask
 
 Batch = dict[str, Any]
+Architecture = Literal["transformer", "hybonet"]
+ARCHITECTURES: tuple[str, ...] = ("transformer", "hybonet")
 
 
 def seq_lens(side: dict[str, Any]) -> list[int]:
@@ -87,9 +91,19 @@ class TranslationTask(StrategyTask):
     ``ModelParallelStrategy`` each encoder and decoder layer and the whole model are sharded with FSDP2's
     ``fully_shard`` in ``configure_model``; beam search then gathers the whole model once per batch.
 
+    ``architecture="hybonet"`` builds HyboNet's fully hyperbolic Transformer instead
+    (``models.lorentz_transformer.LorentzTransformer``, Chen et al. 2022): Lorentz token points and
+    learned positions, Lorentz attention, FFN and residual maps whose ``nn.Linear`` matrices the strategy
+    converts (``model.encoder.layers.0.self_attn.q_proj.linear``, ...), logits ``2k + 2<x, p_c>_L + b_c``
+    (minus the squared Lorentzian distance to token point ``p_c``).
+    Its token points are ``geoopt.ManifoldParameter`` s, so the optimizer must be a geoopt one (the default,
+    ``lr_lightning.optim_riemannian.RiemannianAdamW``; a Euclidean optimizer is refused when training
+    starts), and FSDP2 (which drops the point class) is refused.
+
     Args:
         strategy: The low-rank method (default: ``FullRank()``).
-        optimizer: Optimizer factory called with the parameter groups (default: AdamW).
+        optimizer: Optimizer factory called with the parameter groups (default: AdamW for ``transformer``,
+            :class:`RiemannianAdamW` for ``hybonet``, whose token points need a geoopt optimizer).
         vocab_size: Embedding rows; at least the data module's SentencePiece vocabulary.
         model_dim: Model width ``d`` (fairseq2's ``model_dim``).
         num_layers: Encoder layers and decoder layers (each).
@@ -106,12 +120,14 @@ class TranslationTask(StrategyTask):
         len_penalty: Beam search length penalty (``> 1`` favours longer outputs).
         max_gen_len: Longest output as ``a * source length + b``, given as ``[a, b]``.
         bleu_on_validation: Decode the validation set for BLEU at every validation (off: loss only).
+        architecture: ``transformer`` (fairseq2, Euclidean) or ``hybonet`` (Lorentz model).
+        curvature: HyboNet's ``k`` (points satisfy ``<x, x>_L = -k``); unused by ``transformer``.
     """
 
     def __init__(
         self,
         strategy: LowRankStrategy | None = None,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
+        optimizer: OptimizerCallable | None = None,
         vocab_size: int = 8000,
         model_dim: int = 256,
         num_layers: int = 3,
@@ -127,8 +143,19 @@ class TranslationTask(StrategyTask):
         len_penalty: float = 1.0,
         max_gen_len: tuple[float, int] = (1.5, 10),
         bleu_on_validation: bool = True,
+        architecture: Architecture = "transformer",
+        curvature: float = 1.0,
     ) -> None:
+        if optimizer is None:
+            optimizer = RiemannianAdamW if architecture == "hybonet" else torch.optim.AdamW
         super().__init__(strategy, optimizer, warmup_steps, min_lr_ratio)
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+        if not curvature > 0:
+            raise ValueError(f"curvature must be > 0 (the k of <x, x>_L = -k), got {curvature}")
+        if architecture == "hybonet" and model_dim < 2 * num_heads:
+            raise ValueError(f"hybonet needs model_dim >= 2 * num_heads (points of >= 2 coordinates per head), "
+                             f"got model_dim={model_dim}, num_heads={num_heads}")
         if model_dim % num_heads:
             raise ValueError(f"model_dim ({model_dim}) must be a multiple of num_heads ({num_heads})")
         if not 0 <= label_smoothing < 1:
@@ -143,6 +170,9 @@ class TranslationTask(StrategyTask):
     @override
     def build_model(self) -> torch.nn.Module:
         h = self.hparams
+        if h.architecture == "hybonet":
+            return LorentzTransformer(h.vocab_size, h.model_dim, h.num_layers, h.num_heads, h.ffn_dim, h.dropout,
+                                      h.max_seq_len, h.curvature)
         return build_transformer(h.vocab_size, h.model_dim, h.num_layers, h.num_heads, h.ffn_dim, h.dropout,
                                  h.max_seq_len, PAD)
 
@@ -163,10 +193,14 @@ class TranslationTask(StrategyTask):
     @override
     def configure_model(self) -> None:
         """FSDP2 under ``ModelParallelStrategy``: ``fully_shard`` each encoder and decoder layer, then the whole
-        model, whose group holds the embedding that the output projection shares (one parameter, one shard)."""
+        model, whose group holds the embedding that the output projection shares (one parameter, one shard).
+        ``hybonet`` is refused: FSDP2 replaces its ``ManifoldParameter`` points by plain tensors."""
         mesh = self.device_mesh
         if mesh is None or isinstance(self.model, FSDPModule):
             return
+        if self.hparams.architecture == "hybonet":
+            raise ValueError("architecture='hybonet' cannot be sharded with FSDP2 (ModelParallelStrategy): it drops "
+                             "the ManifoldParameter class of the token points; use DDP or a single device")
         data_parallel = mesh["data_parallel"]
         for layer in [*self.model.encoder.layers, *self.model.decoder.layers]:
             fully_shard(layer, mesh=data_parallel)

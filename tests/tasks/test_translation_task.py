@@ -1,4 +1,4 @@
-"""TranslationTask: every strategy converts fairseq2's transformer and trains; BLEU on the generated corpus."""
+"""TranslationTask: every strategy converts fairseq2's transformer and HyboNet's, and trains; BLEU on generated data."""
 
 import copy
 import random
@@ -10,6 +10,8 @@ import torch
 from conftest import require_translation_extra
 
 from lr_lightning.layers.base import LowRankLayer
+from lr_lightning.models.hyperbolic import LorentzLinear, lorentz_residual
+from lr_lightning.optim_riemannian import RiemannianAdamW
 from lr_lightning.strategies import SST, TDLRT, FullRank, InRank, LoRA, ReLoRA, SVDTraining
 
 require_translation_extra()
@@ -18,6 +20,7 @@ import sacrebleu  # noqa: E402
 
 from lr_lightning.data.reordering_corpus import make_lexicon, write_reordering_corpus  # noqa: E402
 from lr_lightning.data.translation import BOS, EOS, TranslationDataModule  # noqa: E402
+from lr_lightning.models.lorentz_transformer import LorentzTransformer  # noqa: E402
 from lr_lightning.tasks.translation import TranslationTask, layout  # noqa: E402
 
 TINY = dict(vocab_size=128, model_dim=32, num_layers=1, num_heads=4, ffn_dim=64, dropout=0.0, max_seq_len=64)
@@ -153,3 +156,133 @@ def test_beam_search_of_width_one_equals_greedy_decoding(trained):
         reference = greedy(task, source, source_layout, max_len=max(len(b) for b in beam) + 1)
     assert beam == reference
     assert all(b[-1] == EOS for b in beam)
+
+
+# ----------------------------------------------------------------------------- HyboNet (Lorentz) architecture
+HYBONET = dict(TINY, architecture="hybonet", optimizer=partial(RiemannianAdamW, lr=1e-3))
+LORENTZ_MAPS = 6 + 10 + 2  # encoder (q, k, v, merge, ffn in/out), decoder (+ cross q, k, v, merge), 2 position maps
+
+
+def decoder_points(task: TranslationTask) -> torch.Tensor:
+    """The decoder's output points for the fixed inputs of :func:`outputs`."""
+    g = torch.Generator().manual_seed(0)
+    src, tgt = torch.randint(4, 128, (3, 9), generator=g), torch.randint(4, 128, (3, 6), generator=g)
+    with torch.no_grad():
+        memory, mask = task.model.encode(*layout({"seqs": src, "seq_lens": torch.tensor([9, 6, 2])}))
+        return task.model.decode(*layout({"seqs": tgt, "seq_lens": torch.tensor([6, 6, 3])}), memory, mask)
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_every_strategy_converts_and_trains_the_hybonet_model_on_the_hyperboloid(name, small_corpus, tmp_path):
+    cls, kwargs, distortion_free = STRATEGIES[name]
+    torch.manual_seed(0)
+    dense = TranslationTask(**HYBONET)
+    torch.manual_seed(0)
+    task = TranslationTask(strategy=cls(**kwargs), **HYBONET)
+    assert isinstance(task.model, LorentzTransformer)
+    maps = [n for n, m in task.named_modules() if isinstance(m, LorentzLinear)]
+    assert len(maps) == LORENTZ_MAPS
+    converted = task.strategy.layers(task)
+    expected = [] if cls is FullRank else sorted(f"{n}.linear" for n in maps)
+    assert sorted(n for n, _ in converted) == expected
+    assert all(isinstance(layer, LowRankLayer) for _, layer in converted)
+    if distortion_free:  # SST's U diag(s) V^T (and the others' init) reproduce W: the logits do not change
+        torch.testing.assert_close(outputs(task), outputs(dense), atol=1e-3, rtol=1e-4)
+    before = copy.deepcopy(task.state_dict())
+    trainer = L.Trainer(max_steps=4, limit_val_batches=1, val_check_interval=4, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer.fit(task, TranslationDataModule(**small_corpus))
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"]) and 0 <= metrics["val/bleu"] <= 100
+    changed = {k for k, v in task.state_dict().items() if k in before and not torch.equal(v, before[k])}
+    assert {"model.embed_tokens", "model.output_points"} <= changed
+    assert any("encoder.layers.0" in k for k in changed) and any("decoder.layers.0" in k for k in changed)
+    assert len(task.strategy.layers(task)) == len(converted)
+    for tensor in (task.model.embed_tokens, task.model.output_points, decoder_points(task)):
+        assert lorentz_residual(tensor.detach(), 1.0).abs().max() < 1e-4
+
+
+def test_sst_conversion_of_the_hybonet_model_leaves_its_logits_unchanged():
+    torch.manual_seed(0)
+    task = TranslationTask(**HYBONET)
+    before = outputs(task)
+    task.strategy = SST(rank=4)
+    task.strategy.apply(task)
+    assert len(task.strategy.layers(task)) == LORENTZ_MAPS
+    torch.testing.assert_close(outputs(task), before, atol=1e-3, rtol=1e-4)
+    assert not torch.allclose(outputs(TranslationTask(**HYBONET)), before)  # a different init would differ
+
+
+def test_hybonet_with_a_euclidean_optimizer_is_refused_before_training(small_corpus):
+    task = TranslationTask(**{**HYBONET, "optimizer": torch.optim.AdamW})
+    trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(TypeError, match="RiemannianAdamW"):
+        trainer.fit(task, TranslationDataModule(**small_corpus))
+    assert trainer.global_step == 0
+
+
+def test_the_default_optimizer_keeps_hybonet_points_on_the_manifold_and_is_adamw_for_the_transformer():
+    hybonet = TranslationTask(**{k: v for k, v in HYBONET.items() if k != "optimizer"}).build_optimizer()
+    assert isinstance(hybonet, RiemannianAdamW)
+    assert any(g["lowrank_role"] == "manifold" for g in hybonet.param_groups)
+    transformer = TranslationTask(**{k: v for k, v in TINY.items() if k != "optimizer"}).build_optimizer()
+    assert type(transformer) is torch.optim.AdamW
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"architecture": "lorentz"}, r"architecture must be one of \('transformer', 'hybonet'\), got 'lorentz'"),
+    ({"curvature": 0.0}, "curvature must be > 0"),
+    ({"curvature": -1.0}, "curvature must be > 0"),
+    ({"model_dim": 4, "num_heads": 4}, "hybonet needs model_dim >= 2 \\* num_heads"),
+])
+def test_bad_hybonet_configuration_is_an_error_naming_the_parameter(override, message):
+    with pytest.raises(ValueError, match=message):
+        TranslationTask(**{**HYBONET, **override})
+
+
+@pytest.fixture(scope="module")
+def trained_hybonet(tmp_path_factory):
+    """A 2-layer, width-64 HyboNet transformer trained 300 steps on the generated reordering corpus."""
+    L.seed_everything(0, verbose=False)
+    data = TranslationDataModule(vocab_size=256, max_tokens=2048, max_seq_len=64,
+                                 cache_dir=str(tmp_path_factory.mktemp("cache")))
+    task = TranslationTask(architecture="hybonet", vocab_size=256, model_dim=64, num_layers=2, num_heads=4,
+                           ffn_dim=256, dropout=0.0, max_seq_len=64, warmup_steps=50, beam_size=4,
+                           optimizer=partial(RiemannianAdamW, lr=3e-3, betas=(0.9, 0.98)))
+    trainer = L.Trainer(max_steps=300, limit_val_batches=0, limit_test_batches=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(task, data)
+    trainer.test(task, data, verbose=False)
+    return task, data, trainer.callback_metrics["test/bleu"].item()
+
+
+def test_hybonet_learns_the_reordering_of_the_generated_corpus(trained_hybonet):
+    task, data, bleu = trained_hybonet
+    pairs = data.read_splits()["test"]
+    lexicon = {s: t for group in make_lexicon(random.Random(data.seed)).values() for s, t in group}
+    word_by_word = sacrebleu.corpus_bleu([" ".join(lexicon[w] for w in s.split()) for s, _ in pairs],
+                                         [[t for _, t in pairs]]).score
+    assert word_by_word < 30 < 60 < bleu, (word_by_word, bleu)
+    for tensor in (task.model.embed_tokens, task.model.output_points):
+        assert lorentz_residual(tensor.detach(), 1.0).abs().max() < 1e-4
+
+
+def test_hybonet_beam_search_of_width_one_equals_greedy_decoding(trained_hybonet):
+    task, data, _ = trained_hybonet
+    batch = next(iter(data.splits["valid"]))
+    source, source_layout = layout({"seqs": batch["source"]["seqs"][:16],
+                                    "seq_lens": batch["source"]["seq_lens"][:16]})
+    task.eval()
+    beam = [t.tolist() for t in task.translate_tokens(source, source_layout, beam_size=1)]
+    with torch.no_grad():
+        reference = greedy(task, source, source_layout, max_len=max(len(b) for b in beam) + 1)
+    assert beam == reference
+    assert all(b[-1] == EOS for b in beam)
+
+
+def test_hybonet_refuses_fsdp2_sharding():
+    task = TranslationTask(**HYBONET)
+    task._device_mesh = {"data_parallel": None}  # what ModelParallelStrategy hands configure_model
+    with pytest.raises(ValueError, match="architecture='hybonet' cannot be sharded with FSDP2"):
+        task.configure_model()
