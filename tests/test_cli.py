@@ -46,6 +46,18 @@ def test_config_runs_with_fast_dev_run(config, tmp_path):
           *QUICK_BY_TASK.get(config.parent.name, ["--trainer.enable_progress_bar", "false"])])
 
 
+@pytest.mark.parametrize("config", [c for c in RUNNABLE_CONFIGS if c.values[0].parent.name == "translation"
+                                    and c.values[0].stem in ("full_rank", "hybonet_full_rank")],
+                         ids=lambda p: p.stem)
+def test_a_translation_run_stopped_between_validations_keeps_its_last_step(config, tmp_path):
+    """Validation runs every 2 epochs; a run that stops at max_steps before one still saves its final weights."""
+    main(["fit", "--config", str(config), "--trainer.max_steps", "3", "--trainer.logger", "false",
+          "--trainer.default_root_dir", str(tmp_path), *QUICK_BY_TASK["translation"]])
+    checkpoints = list(tmp_path.rglob("*.ckpt"))
+    assert [p.name for p in checkpoints] == ["last.ckpt"]
+    assert torch.load(checkpoints[0], map_location="cpu", weights_only=False)["global_step"] == 3
+
+
 def test_unknown_strategy_error_lists_the_strategies():
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--model.strategy=LoRa"])
