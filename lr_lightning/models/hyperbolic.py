@@ -29,6 +29,19 @@ def lorentz_residual(x: torch.Tensor, k: float = 1.0) -> torch.Tensor:
     return (x[..., 1:] ** 2).sum(-1) - x[..., 0] ** 2 + k
 
 
+def onto_hyperboloid(y: torch.Tensor, log_scale: torch.Tensor, k: float = 1.0) -> torch.Tensor:
+    """``t = sqrt(k) (sigmoid(y_0) e^s + 1.1)``, ``x = (t, y_s sqrt((t^2 - k) / |y_s|^2))``: ``<x, x>_L = -k``."""
+    space = y[..., 1:]
+    time = math.sqrt(k) * (torch.sigmoid(y[..., :1]) * log_scale.exp() + 1.1)
+    squared = (space * space).sum(-1, keepdim=True).clamp_min(1e-8)
+    return torch.cat([time, space * ((time * time - k) / squared).sqrt()], dim=-1)
+
+
+def lorentz_normalize(m: torch.Tensor, k: float = 1.0) -> torch.Tensor:
+    """``sqrt(k) m / sqrt(|<m, m>_L|)``: a time-like vector (a weighted sum of points) scaled onto the hyperboloid."""
+    return math.sqrt(k) * m / (-lorentz_residual(m, 0.0)).abs().clamp_min(1e-8).sqrt().unsqueeze(-1)
+
+
 class LorentzLinear(nn.Module):
     """``y = W dropout(x) + b``, ``t = sqrt(k) (sigmoid(y_0) e^s + 1.1)``, ``x' = (t, y_s sqrt((t^2 - k) / |y_s|^2))``.
 
@@ -74,12 +87,7 @@ class LorentzLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activate_input:
             x = F.relu(x)
-        y = self.linear(self.dropout(x))
-        space = y[..., 1:]
-        root_k = math.sqrt(self.curvature)
-        time = root_k * (torch.sigmoid(y[..., :1]) * self.log_scale.exp() + 1.1)
-        squared = (space * space).sum(-1, keepdim=True).clamp_min(1e-8)
-        return torch.cat([time, space * ((time * time - self.curvature) / squared).sqrt()], dim=-1)
+        return onto_hyperboloid(self.linear(self.dropout(x)), self.log_scale, self.curvature)
 
 
 class LorentzAggregation(nn.Module):
@@ -94,9 +102,7 @@ class LorentzAggregation(nn.Module):
         self.curvature = curvature
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor, edge_weight: torch.Tensor) -> torch.Tensor:
-        mean = propagate(x, edge_index, edge_weight)
-        norm = (-lorentz_residual(mean, 0.0)).abs().clamp_min(1e-8).sqrt().unsqueeze(-1)
-        return math.sqrt(self.curvature) * mean / norm
+        return lorentz_normalize(propagate(x, edge_index, edge_weight), self.curvature)
 
 
 class LorentzGraphConvolution(nn.Module):

@@ -27,22 +27,12 @@ from fairseq2.nn import BatchLayout, IncrementalState, IncrementalStateBag
 from torch import nn
 from typing_extensions import override
 
-from lr_lightning.models.hyperbolic import LorentzLinear, lorentz_inner
-
-
-def onto_hyperboloid(y: torch.Tensor, log_scale: torch.Tensor, k: float) -> torch.Tensor:
-    """``t = sqrt(k) (sigmoid(y_0) e^s + 1.1)``, ``x = (t, y_s sqrt((t^2 - k) / |y_s|^2))``: ``<x, x>_L = -k``."""
-    space = y[..., 1:]
-    time = math.sqrt(k) * (torch.sigmoid(y[..., :1]) * log_scale.exp() + 1.1)
-    squared = (space * space).sum(-1, keepdim=True).clamp_min(1e-8)
-    return torch.cat([time, space * ((time * time - k) / squared).sqrt()], dim=-1)
+from lr_lightning.models.hyperbolic import LorentzLinear, lorentz_inner, lorentz_normalize, onto_hyperboloid
 
 
 def lorentz_centroid(weights: torch.Tensor, points: torch.Tensor, k: float) -> torch.Tensor:
     """``sqrt(k) m / sqrt(|<m, m>_L|)`` with ``m = weights @ points``: the weighted Lorentzian centroid."""
-    m = weights @ points
-    norm = (m[..., 1:].pow(2).sum(-1, keepdim=True) - m[..., :1].pow(2)).abs().clamp_min(1e-8).sqrt()
-    return math.sqrt(k) * m / norm
+    return lorentz_normalize(weights @ points, k)
 
 
 def random_points(num: int, dim: int, manifold: geoopt.Lorentz) -> torch.Tensor:
