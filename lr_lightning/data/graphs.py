@@ -103,6 +103,9 @@ def required_files(dataset: str, root: Path, features: Features) -> list[Path]:
         names = ["disease_nc.edges.csv", "disease_nc.labels.npy"]
         names += ["disease_nc.feats.npz"] if features == "file" else []
         return [folder / name for name in names]
+    if dataset == "disease_lp":
+        folder = root / "disease_lp"
+        return [folder / "disease_lp.edges.csv"] + ([folder / "disease_lp.feats.npz"] if features == "file" else [])
     return []
 
 
@@ -112,12 +115,27 @@ def check_files(dataset: str, root: Path, features: Features) -> None:
     if not missing:
         return
     hint = ""
-    if dataset == "disease" and any(p.name == "disease_nc.feats.npz" for p in missing):
+    if any(p.name in ("disease_nc.feats.npz", "disease_lp.feats.npz") for p in missing):
         hint = " Without the feature file, pass features='identity' (HGCN's use_feats=0: one-hot node ids)."
     elif dataset in PLANETOID_NAMES:
         hint = " Nothing is downloaded: put the Planetoid raw files there (torch_geometric's layout)."
     raise FileNotFoundError(f"dataset '{dataset}' under root='{root}' is missing "
                             f"{', '.join(str(p) for p in missing)}.{hint}")
+
+
+def check_source(dataset: str, root: str | None, features: Features, tree_nodes: int, tree_classes: int,
+                 tree_features: int) -> None:
+    """Raise ``ValueError`` for a generated tree that cannot be drawn or a dataset without ``root``, and
+    ``FileNotFoundError`` naming every missing file of ``dataset`` under ``root``."""
+    if tree_nodes <= tree_classes or tree_classes < 2 or tree_features < tree_classes:
+        raise ValueError(f"the generated tree needs tree_classes >= 2, tree_nodes > tree_classes and "
+                         f"tree_features >= tree_classes, got {tree_nodes}, {tree_classes}, {tree_features}")
+    if dataset == "tree":
+        return
+    if root is None:
+        raise ValueError(f"dataset '{dataset}' needs root, the folder that holds its files "
+                         f"(e.g. ../shared/data/{'planetoid' if dataset in PLANETOID_NAMES else 'hgcn'})")
+    check_files(dataset, Path(root).expanduser(), features)
 
 
 # --------------------------------------------------------------------------------------------- readers
@@ -271,9 +289,16 @@ def build_graph(source: GraphSource, split: tuple[torch.Tensor, torch.Tensor, to
 
 
 class FullBatchDataModule(L.LightningDataModule):
-    """One graph as the single batch of every loader; subclasses set ``self.graph`` in ``setup``."""
+    """One graph as the single batch of every loader; subclasses set ``dataset``, ``root`` and ``cache_dir`` in
+    ``__init__`` and ``self.graph`` in ``setup``."""
 
     graph: Any = None
+
+    @override
+    def prepare_data(self) -> None:
+        """Process Planetoid once (on one process) into the cache."""
+        if self.dataset in PLANETOID_NAMES:
+            read_planetoid(Path(self.root).expanduser(), self.dataset, self.cache_dir)
 
     @property
     def num_features(self) -> int:
@@ -354,14 +379,7 @@ class GraphDataModule(FullBatchDataModule):
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if value is not None and not 0 < value < 1:
                 raise ValueError(f"{name} must be in (0, 1) or None, got {value}")
-        if tree_nodes <= tree_classes or tree_classes < 2 or tree_features < tree_classes:
-            raise ValueError(f"the generated tree needs tree_classes >= 2, tree_nodes > tree_classes and "
-                             f"tree_features >= tree_classes, got {tree_nodes}, {tree_classes}, {tree_features}")
-        if dataset != "tree":
-            if root is None:
-                raise ValueError(f"dataset '{dataset}' needs root, the folder that holds its files "
-                                 f"(e.g. ../shared/data/{'planetoid' if dataset in PLANETOID_NAMES else 'hgcn'})")
-            check_files(dataset, Path(root).expanduser(), features)
+        check_source(dataset, root, features, tree_nodes, tree_classes, tree_features)
         self.dataset, self.root, self.split, self.features = dataset, root, split, features
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.normalize_features, self.seed = normalize_features, seed
@@ -373,12 +391,6 @@ class GraphDataModule(FullBatchDataModule):
     def split_kind(self) -> str:
         """The split in use: the given one, else ``paper`` for Planetoid and ``stratified`` otherwise."""
         return self.split or ("paper" if self.dataset in PLANETOID_NAMES else "stratified")
-
-    @override
-    def prepare_data(self) -> None:
-        """Process Planetoid once (on one process) into the cache."""
-        if self.dataset in PLANETOID_NAMES:
-            read_planetoid(Path(self.root).expanduser(), self.dataset, self.cache_dir)
 
     def read(self) -> GraphSource:
         """The dataset's features, labels, edges and published split, as in its files."""

@@ -32,10 +32,9 @@ from lr_lightning.data.files import read_text
 from lr_lightning.data.graphs import (
     DEFAULT_CACHE_DIR,
     FEATURE_MODES,
-    PLANETOID_NAMES,
     Features,
     FullBatchDataModule,
-    check_files,
+    check_source,
     generate_tree,
     load_array,
     read_airport,
@@ -162,12 +161,6 @@ def build_link_graph(x: torch.Tensor, split: EdgeSplit) -> LinkGraph:
 
 
 # --------------------------------------------------------------------------------------------- readers
-def disease_lp_files(root: Path, features: Features) -> list[Path]:
-    """The files of HGCN's Disease-LP under ``root``."""
-    folder = root / "disease_lp"
-    return [folder / "disease_lp.edges.csv"] + ([folder / "disease_lp.feats.npz"] if features == "file" else [])
-
-
 def read_disease_lp(root: Path, features: Features) -> tuple[torch.Tensor, torch.Tensor]:
     """Disease-LP's features and undirected edges; nodes numbered in order of first appearance (as HGCN does)."""
     names: dict[str, int] = {}
@@ -229,38 +222,13 @@ class LinkDataModule(FullBatchDataModule):
         if features not in FEATURE_MODES:
             raise ValueError(f"features must be one of {FEATURE_MODES}, got {features!r}")
         check_fractions(val_fraction, test_fraction)
-        if tree_nodes <= tree_classes or tree_classes < 2 or tree_features < tree_classes:
-            raise ValueError(f"the generated tree needs tree_classes >= 2, tree_nodes > tree_classes and "
-                             f"tree_features >= tree_classes, got {tree_nodes}, {tree_classes}, {tree_features}")
-        if dataset != "tree":
-            if root is None:
-                raise ValueError(f"dataset '{dataset}' needs root, the folder that holds its files "
-                                 f"(e.g. ../shared/data/{'planetoid' if dataset in PLANETOID_NAMES else 'hgcn'})")
-            self.check_files(dataset, Path(root).expanduser(), features)
+        check_source(dataset, root, features, tree_nodes, tree_classes, tree_features)
         self.dataset, self.root, self.features = dataset, root, features
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.normalize_features, self.seed = normalize_features, seed
         self.tree = (tree_nodes, tree_classes, tree_features, tree_signal)
         self.cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser()
         self.graph: LinkGraph | None = None
-
-    @staticmethod
-    def check_files(dataset: str, root: Path, features: Features) -> None:
-        """Raise ``FileNotFoundError`` naming every missing file of ``dataset``."""
-        if dataset != "disease_lp":
-            check_files(dataset, root, features)
-            return
-        missing = [path for path in disease_lp_files(root, features) if not path.is_file()]
-        if missing:
-            raise FileNotFoundError(f"dataset 'disease_lp' under root='{root}' is missing "
-                                    f"{', '.join(str(p) for p in missing)}. Without the feature file, pass "
-                                    f"features='identity' (HGCN's use_feats=0: one-hot node ids).")
-
-    @override
-    def prepare_data(self) -> None:
-        """Process Planetoid once (on one process) into the cache."""
-        if self.dataset in PLANETOID_NAMES:
-            read_planetoid(Path(self.root).expanduser(), self.dataset, self.cache_dir)
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The dataset's features and undirected edges, as in its files."""
