@@ -35,14 +35,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import CIFAR10, CIFAR100, MNIST, FashionMNIST, ImageFolder
 from typing_extensions import override
+
+from lr_lightning.data.splits import SplitDataModule
 
 ImageDataset = Literal["embedded_mnist", "mnist", "fashion_mnist", "cifar10", "cifar100", "folder"]
 DATASETS: tuple[str, ...] = get_args(ImageDataset)
@@ -251,7 +252,7 @@ def build_transforms(dataset: str, augment: bool, resize: int | None) -> tuple[C
 
 
 # --------------------------------------------------------------------------------------------- module
-class ImageDataModule(L.LightningDataModule):
+class ImageDataModule(SplitDataModule):
     """Image classification batches ``(images [B, C, S, S] float, labels [B] long)`` from one of the sources
     of this module (see its docstring for files, splits and transforms).
 
@@ -358,19 +359,7 @@ class ImageDataModule(L.LightningDataModule):
         """The largest label in the training split, plus one."""
         return self._loaded()[3]
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    @override
+    def split_dataset(self, split: str) -> Dataset:
         self._loaded()
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=train,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    @override
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    @override
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+        return self.datasets[split]

@@ -27,12 +27,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from typing_extensions import override
 
+from lr_lightning.data.splits import SplitDataModule
 from lr_lightning.data.text_sources import SPLITS, TEXT_CHUNK_LINES, Piece, default_corpus, open_source
 from lr_lightning.data.token_files import TokenFile, cache_key, write_token_file
 from lr_lightning.data.tokenizers import (
@@ -113,7 +113,7 @@ class TokenWindowDataset(Dataset):
         return window[:-1], window[1:]
 
 
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(SplitDataModule):
     """Next-token prediction on a text corpus, tokenized once into memory-mapped token files (see module doc).
 
     Args:
@@ -140,6 +140,8 @@ class TextDataModule(L.LightningDataModule):
         bpe_sample_chars: Train BPE on only the first ``bpe_sample_chars`` characters of the training split
             (a bounded sample of a big corpus); ``None`` trains on the whole split.
     """
+
+    drop_last_train = True
 
     def __init__(
         self,
@@ -258,25 +260,3 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(
                 f"the train split has {len(self.datasets['train'])} windows, fewer than batch_size={self.batch_size}"
             )
-
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    @override
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    @override
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)

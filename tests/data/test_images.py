@@ -2,6 +2,7 @@
 CIFAR-10 / CIFAR-100 folders read through torchvision's own readers, an ImageFolder tree, errors naming the
 missing files, and augmentation of training images only."""
 
+import math
 import pickle
 import struct
 from pathlib import Path
@@ -98,6 +99,9 @@ def test_embedded_mnist_default_is_5000_real_digits_in_a_seeded_stratified_split
     assert _split_sets(other)[1] != val
     batch_x, batch_y = next(iter(ImageDataModule(batch_size=8).train_dataloader()))
     assert batch_x.shape == (8, 1, 28, 28) and batch_y.dtype == torch.long
+    loaders = ImageDataModule(batch_size=64)
+    assert len(loaders.train_dataloader()) == math.ceil(4000 / 64)  # every training image, the last batch partial
+    assert [len(y) for _, y in loaders.val_dataloader()] == [64] * 7 + [500 - 7 * 64]
 
 
 def test_digits_are_never_augmented():
