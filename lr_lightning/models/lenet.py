@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lr_lightning.models.checks import check_classifier_shape
+
 LENET5_MIN_IMAGE_SIZE = 28
 """The smallest ``image_size`` accepted: LeNet-5 is a network for 28x28 digits (32x32 images work as well)."""
 
@@ -42,10 +44,7 @@ class LeNet5(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> None:
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        if in_channels < 1:
-            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        check_classifier_shape(num_classes, in_channels)
         if image_size < LENET5_MIN_IMAGE_SIZE:
             raise ValueError(f"image_size must be >= {LENET5_MIN_IMAGE_SIZE} for lenet5 (a network for 28x28 digits, "
                              f"two conv 5x5 + max-pool 2 stages), got {image_size}")

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lr_lightning.models.checks import check_classifier_shape
+
 Shortcut = Literal["A", "B"]
 
 RESNET_MIN_IMAGE_SIZE = 8
@@ -100,10 +102,7 @@ class ResNet(nn.Module):
         if len(widths) != len(blocks) or not widths or min(blocks) < 1:
             raise ValueError(f"widths and blocks must be non-empty, of equal length, blocks >= 1; got {widths}, "
                              f"{blocks}")
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        if in_channels < 1:
-            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        check_classifier_shape(num_classes, in_channels)
         if image_size < RESNET_MIN_IMAGE_SIZE:
             raise ValueError(f"image_size must be >= {RESNET_MIN_IMAGE_SIZE} for {name} (its stride-2 stages "
                              f"shrink the input {2 ** (len(widths) - 1)}x), got {image_size}")

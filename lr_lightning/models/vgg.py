@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lr_lightning.models.checks import check_classifier_shape
+
 VGG_CONFIGS: dict[str, tuple[int | str, ...]] = {
     "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
     "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
@@ -51,10 +53,7 @@ class VGG(nn.Module):
         super().__init__()
         if name not in VGG_CONFIGS:
             raise ValueError(f"name must be one of {tuple(VGG_CONFIGS)}, got {name!r}")
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        if in_channels < 1:
-            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        check_classifier_shape(num_classes, in_channels)
         if image_size < VGG_DOWNSAMPLING or image_size % VGG_DOWNSAMPLING:
             raise ValueError(f"image_size must be a multiple of {VGG_DOWNSAMPLING} and >= {VGG_DOWNSAMPLING} for "
                              f"{name} (five 2x2 max-pools halve it exactly), got {image_size}")

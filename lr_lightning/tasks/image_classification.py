@@ -25,6 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from lr_lightning.layers.base import LowRankLayer
+from lr_lightning.models.checks import check_classifier_shape
 from lr_lightning.models.image import IMAGE_ARCHITECTURES, build_image_model
 from lr_lightning.strategies import LowRankStrategy
 from lr_lightning.tasks.base import StrategyTask
@@ -231,11 +232,9 @@ class ImageClassificationTask(StrategyTask):
                              f"got {milestones}")
         if not 0 < gamma <= 1:
             raise ValueError(f"gamma must be in (0, 1], got {gamma}")
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        for name, value in (("in_channels", in_channels), ("image_size", image_size)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        check_classifier_shape(num_classes, in_channels)
+        if image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {image_size}")
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.save_hyperparameters(ignore=["strategy", "optimizer"])
